@@ -1,0 +1,3 @@
+from da_seg.cli import run
+
+run()

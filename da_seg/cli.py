@@ -1,0 +1,214 @@
+"""The `da-seg` command: train, sweep, eval, compare, synth, prepare, list."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from da_seg.config import ConfigError, load_recipe
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        h, w = text.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not HxW (e.g. 512x1024)")
+
+
+def _data_root() -> Path:
+    return Path(os.environ.get("DA_SEG_DATA", "data"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Domain adaptation and generalization for semantic segmentation."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. optim.lr=1e-3.")
+@click.option("--seed", type=int, default=None, help="Shortcut for --set train.seed=N.")
+@click.option("--resume", default=None, metavar="RUN_DIR|auto",
+              help="Continue a run folder (its last.pt), or 'auto' for this recipe and seed's latest run.")
+@click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(recipe, overrides, seed, resume, runs_root, device, no_progress):
+    """Train RECIPE (a TOML file). Multi-GPU: torchrun --nproc_per_node=N -m da_seg train ..."""
+    from da_seg.runs import train as train_run
+
+    if seed is not None:
+        overrides = (*overrides, f"train.seed={seed}")
+    metrics = train_run(load_recipe(recipe, overrides), Path(runs_root), resume=resume, device=device,
+                        progress=not no_progress)
+    last = metrics.get("last") or {}
+    primary = metrics.get("primary_domain")
+    if primary and last:
+        click.echo(f"final {primary} mIoU: {last['domains'][primary]['miou']:.2f}")
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--seeds", default=3, show_default=True, help="Run seeds 0..N-1.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")
+@click.option("--no-progress", is_flag=True)
+def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
+    """Run RECIPES over seeds one after another (resuming interrupted runs), then compare them."""
+    from da_seg.engine.compare import collect_runs, compare_table
+    from da_seg.runs import sweep as run_sweep
+
+    run_dirs = run_sweep([Path(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
+                         device=device, progress=not no_progress)
+    click.echo(compare_table(collect_runs(run_dirs), fmt=fmt))
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--domain", required=True, help="Domain name or descriptor path.")
+@click.option("--split", default="val", show_default=True)
+@click.option("--mode", type=click.Choice(["whole", "slide"]), default="whole", show_default=True)
+@click.option("--input-size", default=None, help="Resize the network input, HxW (labels stay full size).")
+@click.option("--crop", default=None, help="Sliding-window size HxW.")
+@click.option("--stride", default=None, help="Sliding-window stride HxW.")
+@click.option("--flip", is_flag=True, help="Average with the horizontally flipped prediction.")
+@click.option("--adabn", "adabn_domain", default=None, help="Recompute BatchNorm statistics on this domain's train images first.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--per-class", is_flag=True)
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None)
+def eval_cmd(checkpoint, domain, split, mode, input_size, crop, stride, flip, adabn_domain, device, per_class, json_out):
+    """Evaluate a checkpoint (last.pt / best.pt) on a domain's labelled split."""
+    from da_seg.data.augment import to_float_images
+    from da_seg.data.datasets import SegmentationDataset
+    from da_seg.data.domains import load_domain
+    from da_seg.data.loaders import eval_loader, infinite_loader
+    from da_seg.engine.checkpoint import load_checkpoint
+    from da_seg.engine.evaluate import evaluate, recompute_batchnorm
+    from da_seg.engine.logging import Progress
+    from da_seg.engine.trainer import pick_device, restore_model
+
+    dev = pick_device(device)
+    state = load_checkpoint(Path(checkpoint))
+    model = restore_model(state, dev)
+    dom = load_domain(domain)
+    if dom.num_classes != model.num_classes:
+        raise click.ClickException(f"{checkpoint} predicts {model.num_classes} classes but domain {dom.name!r} "
+                                   f"has {dom.num_classes}")
+    if adabn_domain:
+        adabn_dom = load_domain(adabn_domain)
+        loader = infinite_loader(SegmentationDataset(adabn_dom, "train", with_labels=False), 4, seed=0)
+        model = recompute_batchnorm(model, (to_float_images(next(loader)["image"]).to(dev) for _ in range(50)), 50)
+    dataset = SegmentationDataset(dom, split, with_labels=True)
+    loader = eval_loader(dataset, 1)
+    bar = Progress(len(loader), f"eval {dom.name}")
+    result = evaluate(model, loader, num_classes=dom.num_classes, device=dev, class_subsets=dom.class_subsets,
+                      mode=mode, input_size=_size(input_size), crop=_size(crop), stride=_size(stride), flip=flip,
+                      progress=lambda done, total: bar.update(done))
+    bar.close()
+    m = result.metrics
+    click.echo(f"{dom.name} {split}: mIoU {m.miou:.2f}  pixel acc {m.pixel_accuracy:.2f}  (iteration {state['iteration']})")
+    for name, value in m.subsets.items():
+        click.echo(f"  mIoU over subset {name}: {value:.2f}")
+    if per_class:
+        for name, iou in zip(dom.class_names, m.iou):
+            click.echo(f"  {name:>16s} {iou:6.2f}")
+    if json_out:
+        Path(json_out).write_text(json.dumps({"domain": dom.name, "split": split, **m.to_json()}, indent=1))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--per-class", is_flag=True, help="Add per-class IoU columns (mean over seeds).")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")
+@click.option("--domain", default=None, help="Report this evaluated domain instead of each run's primary one.")
+@click.option("--all", "include_unfinished", is_flag=True, help="Include unfinished runs.")
+def compare(runs, per_class, fmt, domain, include_unfinished):
+    """Table of last and best target mIoU per recipe, mean ± std over seeds."""
+    from da_seg.engine.compare import collect_runs, compare_table
+
+    found = collect_runs([Path(r) for r in runs], include_unfinished=include_unfinished)
+    if not found:
+        raise click.ClickException(f"no finished runs (metrics.json) below {', '.join(runs)}")
+    click.echo(compare_table(found, per_class=per_class, fmt=fmt, domain=domain))
+
+
+@main.command()
+@click.argument("out", required=False, type=click.Path(file_okay=False))
+@click.option("--benchmark", "benchmarks", multiple=True, type=click.Choice(["streets", "aerial"]),
+              help="Which benchmark(s); default both.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+def synth(out, benchmarks, seed, workers):
+    """Generate the synthetic domains into OUT (default: $DA_SEG_DATA/synth)."""
+    from da_seg.data.synthetic import generate
+
+    out_dir = Path(out) if out else _data_root() / "synth"
+    generate(out_dir, benchmarks=tuple(benchmarks) or ("streets", "aerial"), seed=seed, workers=workers)
+
+
+@main.command("list")
+@click.argument("kind", type=click.Choice(["models", "methods", "domains", "recipes"]))
+def list_cmd(kind):
+    """List models (with parameter counts), methods, domains or recipes."""
+    if kind == "models":
+        from da_seg.models import MODELS
+
+        try:
+            from da_seg.models import describe_models
+            rows = describe_models()
+        except ImportError:
+            rows = [(name, float("nan"), "") for name in MODELS]
+        for name, params, description in rows:
+            click.echo(f"{name:24s} {params:8.2f}M  {description}")
+    elif kind == "methods":
+        from da_seg.methods import METHODS
+
+        for name, cls in METHODS.items():
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            click.echo(f"{name:20s} {doc}")
+    elif kind == "domains":
+        from da_seg.data.domains import available_domains
+
+        for name, path in sorted(available_domains().items()):
+            click.echo(f"{name:24s} {path}")
+    else:
+        root = Path.cwd() / "recipes"
+        for path in sorted(root.rglob("*.toml")):
+            click.echo(str(path.relative_to(Path.cwd())))
+
+
+try:  # the dataset preparation commands live with the data code
+    from da_seg.data.prepare import prepare as _prepare_group
+
+    main.add_command(_prepare_group, "prepare")
+except ImportError:  # pragma: no cover - only while the data package is incomplete
+    pass
+
+
+def run() -> None:
+    """Entry point that turns configuration and data errors into one clear line, not a traceback."""
+    from da_seg.data.domains import DomainError
+    from da_seg.engine.trainer import NonFiniteLossError
+
+    if os.environ.get("DA_SEG_DEBUG"):  # full tracebacks for developers
+        main()
+        return
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (ConfigError, DomainError, KeyError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)

@@ -1,0 +1,343 @@
+"""Recipes: TOML files -> frozen dataclasses.
+
+A recipe may ``extends = "other.toml"`` (one level, path relative to the recipe) and is then
+deep-merged over its base; ``--set a.b=value`` overrides are applied last (values parsed as
+TOML literals, so ``--set optim.lr=1e-3`` is a float and ``--set data.source=gta5`` a string).
+Unknown keys fail with the closest valid key, because a typo in a recipe silently running
+the default is the most expensive bug a training suite can have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used as written; the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = ""                      # domain name (datasets/<name>.toml) or descriptor path
+    target: str = ""                      # unlabelled target domain; "" for domain generalization
+    source_split: str = "train"
+    target_split: str = "train"
+    val_domains: tuple[str, ...] = ()     # evaluated domains; default: (target,)
+    val_split: str = "val"
+    source_size: tuple[int, int] | None = None   # (H, W) resize on load; None keeps the file's size
+    target_size: tuple[int, int] | None = None
+    val_size: tuple[int, int] | None = None      # resize val images *and* labels on load (cheap evaluation)
+    batch_size: int = 8                   # per domain and per process
+    num_workers: int = 2
+    sampler: str = "random"               # "random" | "rare_class" (source only, DAFormer)
+    rare_class_temperature: float = 0.01
+    rare_class_min_pixels: int = 3000
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """GPU augmentation of one domain's batches (see da_seg/data/augment.py)."""
+
+    crop: tuple[int, int] | None = None   # (H, W) random crop; labels padded with ignore
+    scale: tuple[float, float] = (1.0, 1.0)  # random rescale factor range before cropping
+    flip: bool = True
+    brightness: float = 0.0               # colour jitter strengths (kornia ColorJitter)
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    color_p: float = 0.8
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.15, 1.15)
+    grayscale_p: float = 0.0
+
+
+@dataclass(frozen=True)
+class AugmentPair:
+    source: AugmentConfig = field(default_factory=AugmentConfig)
+    target: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "deeplab_small"
+    pretrained: str = ""                  # a weight file the user names; "" = random init
+    options: dict[str, Any] = field(default_factory=dict)  # builder keyword options
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"                     # "sgd" | "adamw" | "adam"
+    lr: float = 2.5e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    head_lr_mult: float = 10.0
+    grad_clip: float = 0.0                # max global grad norm; 0 = off
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    iters: int = 1000                     # iterations to train (the early stop of the official codes)
+    poly_iters: int = 0                   # length of the poly decay; 0 = iters (AdaptSegNet: 250k, stop 150k)
+    poly_power: float = 0.9
+    warmup_iters: int = 0                 # linear warm-up from warmup_ratio * lr
+    warmup_ratio: float = 1e-6
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    amp: str = "auto"                     # "auto" (bf16 on CUDA, off on CPU) | "bf16" | "fp16" | "off"
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    deterministic: bool = False
+    compile: bool = False                 # torch.compile the segmenter (CUDA)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: str = "whole"                   # "whole" | "slide"
+    input_size: tuple[int, int] | None = None  # resize the network input (labels stay full size)
+    crop: tuple[int, int] | None = None   # sliding window size
+    stride: tuple[int, int] | None = None
+    flip: bool = False
+    batch_size: int = 1
+    adabn: bool = False                   # recompute BatchNorm statistics on target train images first
+    adabn_batches: int = 50
+    max_panels: int = 4
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = ""
+    description: str = ""
+    reference: str = ""                   # where the hyper-parameters and the aimed-at number come from
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentPair = field(default_factory=AugmentPair)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> options
+
+    @property
+    def val_domains(self) -> tuple[str, ...]:
+        return self.data.val_domains or ((self.data.target,) if self.data.target else ())
+
+    @property
+    def pair(self) -> str:
+        """The folder name grouping comparable runs: ``<source>_to_<target>``."""
+        target = self.data.target or "unseen"
+        return f"{_short(self.data.source)}_to_{_short(target)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _short(domain: str) -> str:
+    return Path(domain).stem if domain.endswith(".toml") else domain
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, resolve ``extends`` and ``--set`` overrides, validate every key."""
+    path = Path(path)
+    raw = _read_toml(path)
+    if "extends" in raw:
+        base_path = (path.parent / raw.pop("extends")).resolve()
+        base = _read_toml(base_path)
+        if "extends" in base:
+            raise ConfigError(f"{path}: extends {base_path}, which itself extends {base['extends']!r}; "
+                              "only one level of extends is allowed")
+        base.pop("name", None)
+        base.pop("description", None)
+        raw = deep_merge(base, raw)
+    raw.setdefault("name", path.stem)
+    for override in overrides:
+        apply_override(raw, override)
+    # `source_ce = false` under [components] removes a component a base recipe listed.
+    raw["components"] = {k: v for k, v in raw.get("components", {}).items() if v is not False}
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    recipe = _build(Recipe, raw, prefix="", source=source)
+    for key in ("source", "target"):
+        value = getattr(recipe.data, key)
+        if key == "source" and not value:
+            raise ConfigError(f"{source}: data.source is empty; name a source domain (see `da-seg list domains`)")
+    return recipe
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values are TOML literals; anything that is not one is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key.sub=value")
+    dotted, text = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a table")
+    node[keys[-1]] = parse_value(text.strip())
+
+
+def closest(key: str, valid: list[str], prefix: str = "") -> str:
+    """'; did you mean ...?' for the closest valid key, else the list of valid keys."""
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if match:
+        return f"; did you mean {prefix + match[0]!r}?"
+    return f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def check_keys(given: dict[str, Any], valid: list[str], where: str, source: str) -> None:
+    for key in given:
+        if key not in valid:
+            raise ConfigError(f"{source}: unknown key {where + key!r}{closest(key, valid, where)}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'recipe'} must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    check_keys(raw, list(fields), prefix, source)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the field's type hint, converting lists to tuples."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{source}: {key} = {value!r} has the wrong type")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key, source) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must have {len(args)} entries, got {list(value)!r}")
+        return tuple(_coerce(a, v, key, source) for a, v in zip(args, value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a table, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+        return value
+    return value
+
+
+# ---------------------------------------------------------------------------- writing
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Serialize a resolved recipe (nested dicts of scalars and lists) as TOML; None is omitted."""
+    lines: list[str] = []
+    _emit_table(data, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _emit_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
+    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    if path and (scalars or not tables):
+        lines.append("")
+        lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
+    for key, value in scalars.items():
+        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in tables.items():
+        _emit_table(value, path + [key], lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else '"' + key + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def recipe_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts."""
+    keys = sorted(set(a) | set(b))
+    out = []
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += recipe_differences(va, vb, prefix + key + ".")
+        elif _normalize(va) != _normalize(vb):
+            out.append(prefix + key)
+    return out
+
+
+def _normalize(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,26 @@
+"""Method registry: every component a recipe can list under [components.<name>]."""
+from __future__ import annotations
+
+from typing import Any
+
+from da_seg.methods.base import Component, ComponentSetup, parse_options
+from da_seg.methods.source import SourceCE, TargetCE
+
+METHODS: dict[str, type[Component]] = {
+    SourceCE.name: SourceCE,
+    TargetCE.name: TargetCE,
+}
+
+
+def build_components(table: dict[str, dict[str, Any]], setup: ComponentSetup,
+                     source: str = "recipe") -> list[Component]:
+    """Instantiate the recipe's components in the order they are listed."""
+    if not table:
+        raise KeyError(f"{source}: the recipe lists no [components]; valid: {', '.join(sorted(METHODS))}")
+    components = []
+    for name, raw in table.items():
+        if name not in METHODS:
+            raise KeyError(f"{source}: unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+        cls = METHODS[name]
+        components.append(cls(parse_options(cls, raw or {}, source), setup))
+    return components
