@@ -49,7 +49,7 @@ def train(recipe, overrides, seed, resume, runs_root, device, no_progress):
                         progress=not no_progress)
     last = metrics.get("last") or {}
     primary = metrics.get("primary_domain")
-    if primary and last:
+    if primary and last and os.environ.get("RANK", "0") == "0":
         click.echo(f"final {primary} mIoU: {last['domains'][primary]['miou']:.2f}")
 
 

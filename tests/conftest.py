@@ -64,7 +64,16 @@ def tiny_domains(tmp_path_factory) -> dict[str, Path]:
 
 def tiny_recipe_text(domains: dict[str, Path], components: str = "[components.source_ce]\n", iters: int = 6,
                      extra: str = "") -> str:
-    """A recipe that trains the smallest model for a few steps on the tiny domains."""
+    """A recipe that trains the smallest model for a few steps on the tiny domains.
+
+    ``extra``: lines ``key = value`` for [train], replacing the defaults below.
+    """
+    train = {"log_every": "2", "eval_every": "3", "checkpoint_every": "3"}
+    for line in extra.splitlines():
+        if "=" in line:
+            key, value = line.split("=", 1)
+            train[key.strip()] = value.strip()
+    train_lines = "\n".join(f"{k} = {v}" for k, v in train.items())
     return f'''name = "tiny"
 [data]
 source = "{domains['source']}"
@@ -81,10 +90,7 @@ weight_decay = 0.0
 [schedule]
 iters = {iters}
 [train]
-log_every = 2
-eval_every = 3
-checkpoint_every = 3
-{extra}
+{train_lines}
 {components}'''
 
 
