@@ -180,6 +180,7 @@ class Trainer:
         self._window_start = self.iteration
         self._log_time = time.perf_counter()
         self._source_iter = self._target_iter = None
+        self._last_ctx: StepContext | None = None
 
     # ------------------------------------------------------------------ set-up helpers
     def _wrap(self, net: nn.Module) -> nn.Module:
@@ -278,6 +279,7 @@ class Trainer:
             extra = {f"{c.name}/{k}": v for c in self.components for k, v in c.after_step(ctx).items()}
 
         self.iteration += 1
+        self._last_ctx = ctx
         self._accumulate({"loss/total": total, **{f"loss/{k}": v for k, v in losses.items()},
                           **{f"side/{k}": v for k, v in side.items()}, **{f"stats/{k}": v for k, v in extra.items()}})
 
@@ -361,6 +363,10 @@ class Trainer:
                 if result.panels:
                     rows = [panel(img, pred, gt, domain.colors) for img, pred, gt in result.panels]
                     self.logger.image(f"panels/{domain.name}", torch.cat(rows, dim=1), self.iteration)
+        if self.is_main and self._last_ctx is not None:
+            for component in self.components:
+                for tag, image in component.visuals(self._last_ctx).items():
+                    self.logger.image(f"{component.name}/{tag}", image, self.iteration)
         unseen = [d.name for d in self.val_domains]
         if len(unseen) > 1:
             values = [record["domains"][n]["miou"] for n in unseen if record["domains"][n]["miou"] is not None]

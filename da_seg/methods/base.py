@@ -5,7 +5,8 @@ A component never owns a loop and never calls ``backward()`` or ``optimizer.step
 - ``side_losses(ctx)``: terms that train the component's *own* networks (a discriminator),
   computed after the segmenter step on detached outputs; the trainer backpropagates them and
   steps the component's optimizers;
-- ``after_step(ctx)``: gradient-free updates (EMA teacher, bookkeeping); returns scalars to log.
+- ``after_step(ctx)``: gradient-free updates (EMA teacher, bookkeeping); returns scalars to log;
+- ``visuals(ctx)``: images to log at evaluation time, from the latest step.
 Networks, optimizers and schedulers a component owns go in ``self.networks``,
 ``self.optimizers`` and ``self.schedulers``: the trainer moves, wraps, checkpoints and resumes
 them, so AMP, DDP, checkpointing and LR logging stay generic.
@@ -106,6 +107,11 @@ class Component:
         return {}
 
     def after_step(self, ctx: StepContext) -> dict[str, Tensor | float]:
+        return {}
+
+    def visuals(self, ctx: StepContext) -> dict[str, Tensor]:
+        """Images to log at each evaluation, from the latest training step: tag -> uint8 (3, H, W)
+        (pseudo-labels and their confidence masks, translated images ...)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Data layer: domain descriptors, datasets, label decoding, rare-class sampling, preparation tools."""

@@ -1,0 +1,219 @@
+"""Evaluation: prediction at label resolution, the confusion-matrix loop, and AdaBN.
+
+``predict`` turns images into class probabilities at the label size, by one forward pass
+("whole") or by overlapping windows ("slide"), optionally averaged with the horizontal flip.
+``evaluate`` runs it over a loader and scores it with one ``ConfusionMatrix`` for the whole
+set (summed over ranks under torch.distributed). ``recompute_batchnorm`` is AdaBN: a copy
+of the model whose BatchNorm statistics come from target images.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+from da_seg.engine.metrics import ConfusionMatrix, SegMetrics
+from da_seg.models.segmenter import upsample_logits
+
+PREDICT_MODES = ("whole", "slide")
+
+
+def sliding_windows(size: tuple[int, int], crop: tuple[int, int],
+                    stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Windows ``(top, left, bottom, right)`` of ``crop`` (clipped to ``size``) every ``stride``.
+
+    The last window in each direction is shifted back to end at the border, so every pixel
+    is covered whatever the image size; all windows have the same shape.
+    """
+    axes = []
+    for length, window, step in zip(size, crop, stride):
+        if window <= 0 or step <= 0:
+            raise ValueError(f"crop {tuple(crop)} and stride {tuple(stride)} must be positive")
+        window = min(window, length)
+        count = -(-(length - window) // step) + 1  # ceil division
+        axes.append((sorted({min(i * step, length - window) for i in range(count)}), window))
+    (tops, crop_h), (lefts, crop_w) = axes
+    return [(y, x, y + crop_h, x + crop_w) for y in tops for x in lefts]
+
+
+def _softmax_at(model: nn.Module, images: Tensor, size: tuple[int, int], amp_dtype) -> Tensor:
+    """(N, 3, h, w) in [0, 1] -> (N, C, *size) float32 probabilities."""
+    autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None
+                else nullcontext())
+    with autocast:
+        logits = model(images).logits
+    return upsample_logits(logits.float(), size).softmax(1)
+
+
+def _predict_view(model: nn.Module, images: Tensor, output_size: tuple[int, int], mode: str,
+                  crop, stride, amp_dtype) -> Tensor:
+    if mode == "whole":
+        return _softmax_at(model, images, output_size, amp_dtype)
+    n, _, height, width = images.shape
+    probs = None
+    counts = torch.zeros(1, 1, height, width, device=images.device)
+    for top, left, bottom, right in sliding_windows((height, width), crop, stride):
+        window = _softmax_at(model, images[:, :, top:bottom, left:right],
+                             (bottom - top, right - left), amp_dtype)
+        if probs is None:
+            probs = images.new_zeros(n, window.shape[1], height, width, dtype=torch.float32)
+        probs[:, :, top:bottom, left:right] += window
+        counts[:, :, top:bottom, left:right] += 1
+    probs = probs / counts  # (N, C, H_in, W_in), overlaps averaged
+    if (height, width) != tuple(output_size):
+        # Bilinear weights are convex, so resized probabilities still sum to one.
+        probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)
+    return probs
+
+
+def predict(model: nn.Module, images: Tensor, *, output_size: tuple[int, int] | None = None,
+            mode: str = "whole", input_size: tuple[int, int] | None = None,
+            crop: tuple[int, int] | None = None, stride: tuple[int, int] | None = None,
+            flip: bool = False, amp_dtype: torch.dtype | None = None) -> Tensor:
+    """Class probabilities for a batch.
+
+    images:      (N, 3, H, W) float RGB in [0, 1].
+    output_size: (H_out, W_out) of the returned map, normally the label size; default (H, W).
+    mode:        "whole" (one forward, logits upsampled bilinearly) or "slide" (``crop``-sized
+                 windows every ``stride``, default ``stride = crop``; softmax averaged where
+                 windows overlap).
+    input_size:  resize the input to this (H, W) before the network (e.g. 1024x512 inputs
+                 scored against 2048x1024 labels).
+    flip:        also run the horizontally flipped images and average the probabilities.
+    Returns (N, C, H_out, W_out) float32 probabilities. Runs under the caller's grad mode.
+    """
+    if mode not in PREDICT_MODES:
+        raise ValueError(f"unknown prediction mode {mode!r}; valid: {list(PREDICT_MODES)}")
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"images must be float (N, 3, H, W) in [0, 1], got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if mode == "slide":
+        if crop is None:
+            raise ValueError("mode='slide' needs crop=(h, w)")
+        crop = tuple(crop)
+        stride = tuple(stride) if stride is not None else crop
+    output_size = tuple(output_size) if output_size is not None else tuple(images.shape[-2:])
+    if input_size is not None and tuple(input_size) != tuple(images.shape[-2:]):
+        images = F.interpolate(images, size=tuple(input_size), mode="bilinear",
+                               align_corners=False, antialias=True)
+    probs = _predict_view(model, images, output_size, mode, crop, stride, amp_dtype)
+    if flip:
+        flipped = _predict_view(model, images.flip(-1), output_size, mode, crop, stride, amp_dtype)
+        probs = (probs + flipped.flip(-1)) / 2
+    return probs
+
+
+@dataclass
+class EvalResult:
+    """metrics: scores over the whole set; confusion: (C, C) int64 on the CPU, rows = ground truth;
+    panels: up to ``max_panels`` (image uint8 (3, H, W), pred (H, W), gt (H, W)) for visualization,
+    from this rank's first batches."""
+
+    metrics: SegMetrics
+    confusion: Tensor
+    panels: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+
+
+def evaluate(model: nn.Module, loader: Iterable[dict], *, num_classes: int,
+             device: torch.device | str, class_subsets: Mapping[str, Sequence[int]] | None = None,
+             mode: str = "whole", input_size: tuple[int, int] | None = None,
+             crop: tuple[int, int] | None = None, stride: tuple[int, int] | None = None,
+             flip: bool = False, amp_dtype: torch.dtype | None = None, max_panels: int = 4,
+             progress: Callable[[int, int | None], None] | None = None) -> EvalResult:
+    """Scores ``model`` on a loader of {"image": uint8 (N, 3, H, W), "label": int64 (N, H, W)}.
+
+    Predictions are made at label resolution. Under torch.distributed each rank evaluates its
+    shard and the confusion matrices are summed, so the loader's sampler must not pad the
+    set with duplicates for exact numbers. The model's train/eval mode is restored afterwards.
+    """
+    # DDP would broadcast buffers on every forward and hang when ranks get unequal batch counts.
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    confusion = ConfusionMatrix(num_classes, device)
+    panels: list[tuple[Tensor, Tensor, Tensor]] = []
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    modes = {module: module.training for module in net.modules()}
+    net.eval()
+    try:
+        with torch.inference_mode():
+            for done, batch in enumerate(loader, start=1):
+                images = batch["image"].to(device, non_blocking=True).float().div_(255)
+                labels = batch["label"].to(device, non_blocking=True).long()
+                probs = predict(net, images, output_size=tuple(labels.shape[-2:]), mode=mode,
+                                input_size=input_size, crop=crop, stride=stride, flip=flip,
+                                amp_dtype=amp_dtype)
+                preds = probs.argmax(1)  # (N, H_label, W_label)
+                confusion.update(preds, labels)
+                for i in range(min(max_panels - len(panels), len(images))):
+                    panels.append(_panel_tensors(batch["image"][i], preds[i], labels[i]))
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    confusion.all_reduce_()
+    return EvalResult(metrics=confusion.compute(class_subsets), confusion=confusion.matrix.cpu(),
+                      panels=panels)
+
+
+def _panel_tensors(image: Tensor, pred: Tensor, label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CPU copies at label resolution (the image is resized when it was loaded smaller)."""
+    image = image.cpu()
+    if tuple(image.shape[-2:]) != tuple(label.shape[-2:]):
+        image = F.interpolate(image[None].float(), size=tuple(label.shape[-2:]), mode="bilinear",
+                              align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+    return image.clone(), pred.cpu().clone(), label.cpu().clone()
+
+
+def recompute_batchnorm(model: nn.Module, batches: Iterable[Tensor],
+                        max_batches: int | None = None) -> nn.Module:
+    """AdaBN: a deep copy of ``model`` with BatchNorm statistics measured on ``batches``.
+
+    batches: (N, 3, H, W) float images in [0, 1] (uint8 is divided by 255), e.g. target
+    training images. Running statistics are reset and re-estimated as a cumulative average
+    (``momentum=None``) over at most ``max_batches`` batches, with only the BatchNorm layers
+    in train mode (dropout and the like stay off, so they do not distort the statistics).
+    The original model is untouched; the copy keeps its module modes and momenta.
+    """
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    adapted = copy.deepcopy(net)
+    norms = [m for m in adapted.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return adapted
+    modes = {module: module.training for module in adapted.modules()}
+    momenta = {norm: norm.momentum for norm in norms}
+    parameter = next(adapted.parameters(), None)
+    device = parameter.device if parameter is not None else norms[0].running_mean.device
+    adapted.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for images in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                images = images.to(device, non_blocking=True)
+                if images.dtype == torch.uint8:
+                    images = images.float() / 255
+                adapted(images)
+                seen += 1
+    finally:
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.training = training
+    if seen == 0:
+        raise ValueError("recompute_batchnorm got no batches; BatchNorm statistics would be empty")
+    return adapted
