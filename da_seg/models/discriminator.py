@@ -1,0 +1,36 @@
+"""The fully-convolutional domain discriminator of AdaptSegNet and ADVENT.
+
+It looks at a per-pixel C-channel map (a softmax, or ADVENT's weighted self-information) and
+scores each 32x32 neighbourhood as source (label 0) or target (label 1): a patch-level domain
+classifier on the segmenter's *output* space, where source and target layouts are similar even
+when their appearance is not.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class FCDiscriminator(nn.Module):
+    """Five 4x4 convs with stride 2 and padding 1: C -> ndf -> 2ndf -> 4ndf -> 8ndf -> 1.
+
+    LeakyReLU(0.2) after the first four, no normalization (as AdaptSegNet's ``FCDiscriminator``
+    and ADVENT's ``get_fc_discriminator``).
+
+    Shape:
+        input:  (N, C, H, W), e.g. a softmax of logits upsampled to the image size.
+        output: (N, 1, H/32, W/32) raw logits (no sigmoid; the loss takes logits), for H and W
+                multiples of 32 (each conv maps a size s to floor(s/2) for even s).
+    """
+
+    def __init__(self, in_channels: int, ndf: int = 64):
+        super().__init__()
+        widths = [in_channels, ndf, ndf * 2, ndf * 4, ndf * 8]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1),
+                       nn.LeakyReLU(0.2, inplace=True)]
+        layers.append(nn.Conv2d(widths[-1], 1, kernel_size=4, stride=2, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
