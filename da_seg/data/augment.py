@@ -36,6 +36,8 @@ def random_geometry(images: Tensor, labels: Tensor | None, crop: tuple[int, int]
     n, _, height, width = images.shape
     out_h, out_w = crop if crop is not None else (height, width)
     device = images.device
+    if (out_h, out_w) == (height, width) and tuple(scale) == (1.0, 1.0):
+        return _random_flip(images, labels, generator) if flip else (images, labels)
     lo, hi = scale
     s = lo + (hi - lo) * torch.rand(n, device=device, generator=generator)
     scaled_h, scaled_w = s * height, s * width
@@ -61,6 +63,16 @@ def random_geometry(images: Tensor, labels: Tensor | None, crop: tuple[int, int]
         sampled = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
         sampled = sampled.squeeze(1).round().long()
         labels = torch.where(sampled == 0, torch.full_like(sampled, IGNORE_INDEX), sampled - 1)
+    return images, labels
+
+
+def _random_flip(images: Tensor, labels: Tensor | None,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+    """Mirror each sample with probability 1/2: an exact copy, no resampling."""
+    mirror = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    images = torch.where(mirror.view(-1, 1, 1, 1), images.flip(-1), images)
+    if labels is not None:
+        labels = torch.where(mirror.view(-1, 1, 1), labels.flip(-1), labels)
     return images, labels
 
 
