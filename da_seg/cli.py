@@ -146,12 +146,18 @@ def compare(runs, per_class, fmt, domain, include_unfinished):
               help="Which benchmark(s); default both.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=2, show_default=True)
-def synth(out, benchmarks, seed, workers):
-    """Generate the synthetic domains into OUT (default: $DA_SEG_DATA/synth)."""
+@click.option("--force", is_flag=True, help="Regenerate even when up-to-date files are there.")
+def synth(out, benchmarks, seed, workers, force):
+    """Generate the synthetic domains into OUT (default: $DA_SEG_DATA/synth).
+
+    Deterministic: the same seed gives byte-identical files. Files already generated with the
+    same version and parameters are kept.
+    """
     from da_seg.data.synthetic import generate
 
     out_dir = Path(out) if out else _data_root() / "synth"
-    generate(out_dir, benchmarks=tuple(benchmarks) or ("streets", "aerial"), seed=seed, workers=workers)
+    generate(out_dir, benchmarks=tuple(benchmarks) or ("streets", "aerial"), seed=seed, workers=workers,
+             force=force)
 
 
 @main.command("list")
@@ -185,17 +191,19 @@ def list_cmd(kind):
             click.echo(str(path.relative_to(Path.cwd())))
 
 
-try:  # the dataset preparation commands live with the data code
-    from da_seg.data.prepare import prepare as _prepare_group
+from da_seg.selftrain import self_train as _self_train_command  # noqa: E402
 
-    main.add_command(_prepare_group, "prepare")
-except ImportError:  # pragma: no cover - only while the data package is incomplete
-    pass
+main.add_command(_self_train_command)
+
+from da_seg.data.prepare import prepare as _prepare_group  # noqa: E402
+
+main.add_command(_prepare_group, "prepare")
 
 
 def run() -> None:
     """Entry point that turns configuration and data errors into one clear line, not a traceback."""
     from da_seg.data.domains import DomainError
+    from da_seg.data.synthetic import SyntheticDataError
     from da_seg.engine.trainer import NonFiniteLossError
 
     if os.environ.get("DA_SEG_DEBUG"):  # full tracebacks for developers
@@ -208,7 +216,8 @@ def run() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except (ConfigError, DomainError, KeyError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
+    except (ConfigError, DomainError, KeyError, FileNotFoundError, ValueError, NonFiniteLossError,
+            SyntheticDataError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         click.echo(f"error: {message}", err=True)
         sys.exit(2)

@@ -66,10 +66,18 @@ def sweep(recipe_paths: list[Path], seeds: int, runs_root: Path, *, overrides: t
           device: str = "auto", progress: bool = True) -> list[Path]:
     """Every recipe over seeds 0..seeds-1, one after another; finished runs are skipped and
     interrupted ones resumed, so re-running a sweep after a crash completes it."""
+    from da_seg.selftrain import is_self_training_recipe, run_rounds, selftrain_dir
+
     done = []
     for path in recipe_paths:
         for seed in range(seeds):
-            recipe = load_recipe(path, [*overrides, f"train.seed={seed}"])
+            seed_overrides = (*overrides, f"train.seed={seed}")
+            recipe = load_recipe(path, seed_overrides)
+            if is_self_training_recipe(recipe):  # offline rounds (CBST): resumable on their own
+                print(f"[sweep] {recipe.name} seed {seed}: self-training rounds")
+                run_rounds(path, runs_root=runs_root, overrides=seed_overrides, device=device, progress=progress)
+                done.append(selftrain_dir(runs_root, recipe))
+                continue
             existing = find_runs(runs_root, recipe)
             latest = existing[-1] if existing else None
             status = run_status(latest) if latest else "empty"

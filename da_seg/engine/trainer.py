@@ -29,6 +29,7 @@ from da_seg.data.augment import BatchAugment, to_float_images
 from da_seg.data.datasets import SegmentationDataset
 from da_seg.data.domains import Domain, load_domain
 from da_seg.data.loaders import eval_loader, infinite_loader
+from da_seg.data.synthetic import check_synthetic
 from da_seg.engine import distributed as du
 from da_seg.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state, write_text_atomic
 from da_seg.engine.evaluate import evaluate, recompute_batchnorm
@@ -130,7 +131,11 @@ class Trainer:
         self.source_domain = load_domain(data.source)
         self.target_domain = load_domain(data.target) if data.target else None
         self.val_domains = [load_domain(name) for name in recipe.val_domains]
-        check_same_classes([d for d in [self.source_domain, self.target_domain, *self.val_domains] if d])
+        domains = [d for d in [self.source_domain, self.target_domain, *self.val_domains] if d]
+        check_same_classes(domains)
+        for domain in domains:
+            if domain.name.startswith("synth_"):  # generated data must match this generator version
+                check_synthetic(domain.root)
         self.num_classes = self.source_domain.num_classes
         self.class_names = self.source_domain.class_names
 

@@ -3,12 +3,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from da_seg.methods.adversarial import AdaptSegNet, AdvEnt
 from da_seg.methods.base import Component, ComponentSetup, parse_options
+from da_seg.methods.cbst import PseudoLabelCE
+from da_seg.methods.entropy import MinEnt
+from da_seg.methods.self_training import MeanTeacher
 from da_seg.methods.source import SourceCE, TargetCE
 
 METHODS: dict[str, type[Component]] = {
     SourceCE.name: SourceCE,
     TargetCE.name: TargetCE,
+    AdaptSegNet.name: AdaptSegNet,
+    AdvEnt.name: AdvEnt,
+    MinEnt.name: MinEnt,
+    MeanTeacher.name: MeanTeacher,
+    PseudoLabelCE.name: PseudoLabelCE,
 }
 
 

@@ -1,0 +1,400 @@
+"""Offline self-training rounds (CBST / CRST): predict -> class-balanced thresholds -> write -> train.
+
+``da-seg self-train RECIPE`` runs, for round r = 1..R with portion p_r = min(start + (r - 1) step, max):
+  1. predict every target train image with the previous model (round 1: the warm-up model), keep
+     per-class confidences, and compute the class-balanced thresholds (pass 1, ``thresholds.json``);
+  2. predict again and write the pseudo-labels as 8-bit PNGs plus a descriptor of a new labelled
+     domain whose images stay in the original target root (pass 2; two passes instead of storing
+     C x H x W probability maps for the whole set: 160 MB per Cityscapes image);
+  3. train the recipe with ``data.target`` = that domain (``pseudo_ce`` reads its labels), starting
+     from the previous model's weights, through ``da_seg.runs.train``.
+
+The recipe describes one round's training (source_ce + pseudo_ce); its ``[components.pseudo_ce]``
+table also holds the rounds schedule (rounds, portion_*, scales, flip, warmup_recipe), which the
+command-line options override. Everything lands in
+``<runs>/<source>_to_<target>/<recipe>_selftrain/seed<N>/``:
+
+  round_<r>/thresholds.json   thresholds, per-class pixel counts, portion, the model that predicted
+  round_<r>/labels/           pseudo-label PNGs + pseudo_labels.json (the marker pseudo_ce requires)
+  round_<r>/<target>_cbst_round<r>.toml   the pseudo-labelled domain
+  round_<r>/labels.done       written when every label is on disk (per-class labelled shares)
+  round_<r>/recipe.toml       the round's resolved recipe;  round_<r>/runs/...  its training run
+  round_<r>/done              the run folder, its checkpoint and mIoU
+  rounds.json, events.*       a summary of every finished round (also as TensorBoard scalars)
+
+Resumable between and within rounds: a finished step is skipped (its marker file exists), a
+half-written label set continues where it stopped (thresholds are reused, PNGs already written are
+kept), and an interrupted training run is resumed from its last checkpoint. Single process only
+(no torchrun): prediction runs on one device.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import numpy as np
+import torch
+from PIL import Image
+
+from da_seg.config import ConfigError, Recipe, load_recipe, recipe_from_dict, to_toml
+from da_seg.methods.base import parse_options
+from da_seg.methods.cbst import (
+    ClassConfidenceSample,
+    PseudoLabelCE,
+    pseudo_domain_descriptor,
+    predict_probabilities,
+    select_pseudo_labels,
+    write_label_png,
+    write_marker,
+)
+
+
+def _write_json(data: Any, path: Path) -> None:
+    from da_seg.engine.checkpoint import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(data, indent=1), path)
+
+
+def schedule_options(recipe: Recipe, **overrides):
+    """The recipe's ``pseudo_ce`` options with the non-None ``overrides`` applied."""
+    if PseudoLabelCE.name not in recipe.components:
+        raise ConfigError(f"recipe {recipe.name!r}: self-training needs [components.{PseudoLabelCE.name}] "
+                          "(cross-entropy on the pseudo-labelled target)")
+    options = parse_options(PseudoLabelCE, dict(recipe.components[PseudoLabelCE.name] or {}), recipe.name)
+    return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def portions(rounds: int, start: float, step: float, maximum: float) -> list[float]:
+    """CRST's schedule: p_r = min(start + r * step, max), r = 0 .. rounds - 1."""
+    return [round(min(start + r * step, maximum), 10) for r in range(rounds)]
+
+
+def selftrain_dir(runs_root: Path, recipe: Recipe) -> Path:
+    return Path(runs_root) / recipe.pair / f"{recipe.name}_selftrain" / f"seed{recipe.train.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training through the one loop
+
+def train_or_resume(recipe: Recipe, runs_root: Path, *, device: str, progress: bool) -> Path:
+    """Train ``recipe`` under ``runs_root`` unless a finished run exists; resume an interrupted one.
+    Returns the run folder."""
+    from da_seg.runs import find_runs, run_status, train
+
+    existing = find_runs(runs_root, recipe)
+    latest = existing[-1] if existing else None
+    status = run_status(latest) if latest else "empty"
+    if status != "finished":
+        train(recipe, runs_root, resume=latest if status == "resumable" else None, device=device, progress=progress)
+        latest = find_runs(runs_root, recipe)[-1]
+    return latest
+
+
+def _miou(run_dir: Path, which: str) -> float | None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    record, primary = metrics.get(which), metrics.get("primary_domain")
+    if not record or not primary:
+        return None
+    return record["domains"].get(primary, {}).get("miou")
+
+
+def round_recipe(recipe: Recipe, round_index: int, descriptor: Path, init_checkpoint: Path) -> Recipe:
+    """The recipe of one round: target = the pseudo-labelled domain, evaluation on the original
+    target (or the recipe's val_domains), weights from the previous model."""
+    raw = recipe.to_dict()
+    raw["name"] = f"{recipe.name}_round{round_index}"
+    raw["data"]["val_domains"] = list(recipe.val_domains)
+    raw["data"]["target"] = str(descriptor)
+    pseudo = {**recipe.components[PseudoLabelCE.name], "init_checkpoint": str(init_checkpoint)}
+    raw["components"] = {PseudoLabelCE.name: pseudo,
+                         **{k: v for k, v in recipe.components.items() if k != PseudoLabelCE.name}}
+    return recipe_from_dict(raw, source=f"{recipe.name} round {round_index}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pseudo-labels
+
+def _native_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        width, height = image.size
+    return height, width
+
+
+def generate_pseudo_labels(checkpoint: Path, recipe: Recipe, round_dir: Path, round_index: int, portion: float,
+                           options, *, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Passes 1 and 2 of a round; returns the ``labels.done`` record (skipped when it exists)."""
+    from da_seg.data.augment import to_float_images
+    from da_seg.data.datasets import SegmentationDataset
+    from da_seg.data.domains import load_domain
+    from da_seg.engine.checkpoint import load_checkpoint
+    from da_seg.engine.logging import Progress
+    from da_seg.engine.trainer import amp_dtype_for, pick_device, restore_model
+
+    done_file = round_dir / "labels.done"
+    if done_file.exists():
+        return json.loads(done_file.read_text())
+    dev = pick_device(device)
+    model = restore_model(load_checkpoint(checkpoint), dev).eval()
+    amp = amp_dtype_for(recipe.train.amp, dev)
+    autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else None
+    target = load_domain(recipe.data.target)
+    split = recipe.data.target_split
+    dataset = SegmentationDataset(target, split, with_labels=False, size=recipe.data.target_size)
+    labels_dir = round_dir / "labels"
+    num_classes = model.num_classes
+
+    def predictions(indices: Sequence[int], desc: str):
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=1,
+                                             shuffle=False, num_workers=recipe.data.num_workers)
+        bar = Progress(len(indices), desc, enabled=progress, every_s=30)
+        for done, item in enumerate(loader, 1):
+            sample = dataset.samples[int(item["index"][0])]
+            image = to_float_images(item["image"].to(dev))
+            probs = predict_probabilities(model, image, _native_size(sample.image), options.scales,
+                                          options.flip, autocast)[0]
+            bar.update(done)
+            yield sample, probs
+        bar.close()
+
+    thresholds_file = round_dir / "thresholds.json"
+    if thresholds_file.exists():
+        thresholds = torch.tensor(json.loads(thresholds_file.read_text())["thresholds"], dtype=torch.float32)
+    else:
+        sample_set = ClassConfidenceSample(num_classes, cap=options.confidence_cap, seed=recipe.train.seed,
+                                           device=dev)
+        for _, probs in predictions(range(len(dataset)), f"round {round_index}: confidences"):
+            sample_set.add(probs)
+        thresholds = sample_set.thresholds(portion)
+        _write_json({"round": round_index, "portion": portion, "checkpoint": str(checkpoint),
+                     "thresholds": thresholds.tolist(), "predicted_pixels": sample_set.counts.tolist(),
+                     "exact": sample_set.exact, "confidence_cap": options.confidence_cap,
+                     "scales": list(options.scales), "flip": options.flip}, thresholds_file)
+
+    counts = np.zeros(num_classes + 1, dtype=np.int64)  # last slot: ignored pixels
+    todo, written = [], []
+    for i, sample in enumerate(dataset.samples):
+        path = labels_dir / (sample.name + ".png")
+        (written if path.exists() else todo).append((i, path))
+    for _, path in written:  # labels a previous, interrupted pass 2 already wrote
+        with Image.open(path) as image:
+            counts += _label_counts(np.asarray(image), num_classes)
+    for sample, probs in predictions([i for i, _ in todo], f"round {round_index}: pseudo-labels"):
+        label = select_pseudo_labels(probs, thresholds).to(torch.uint8).cpu().numpy()
+        counts += _label_counts(label, num_classes)
+        write_label_png(label, labels_dir / (sample.name + ".png"))
+
+    # The pseudo-labelled domain keeps the target's name, so each round's run is filed and compared
+    # under the real <source>_to_<target> pair; its description and marker say what it is.
+    name = target.name
+    descriptor = round_dir / "domain" / f"{name}.toml"
+    descriptor.parent.mkdir(parents=True, exist_ok=True)
+    description = (f"CBST pseudo-labels of {target.name} {split}, round {round_index}, portion {portion} "
+                   f"(written by da_seg.selftrain from {checkpoint})")
+    write_marker(labels_dir, {"round": round_index, "portion": portion, "source_domain": target.name,
+                              "split": split, "checkpoint": str(checkpoint), "thresholds": thresholds.tolist()})
+    descriptor.write_text(pseudo_domain_descriptor(name, target, split, labels_dir, description))
+    total = max(int(counts.sum()), 1)
+    record = {"round": round_index, "portion": portion, "descriptor": str(descriptor),
+              "thresholds": thresholds.tolist(), "labelled_share": float(counts[:num_classes].sum() / total),
+              "class_share": (counts[:num_classes] / total).tolist(), "images": len(dataset)}
+    _write_json(record, done_file)
+    return record
+
+
+def _label_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class, ignore (and anything else) in the last slot."""
+    values = np.where(label < num_classes, label, num_classes).ravel()
+    return np.bincount(values, minlength=num_classes + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rounds
+
+def run_rounds(recipe_path: str | Path, rounds: int | None = None, portion_start: float | None = None,
+               portion_step: float | None = None, portion_max: float | None = None, *,
+               runs_root: str | Path = "runs", init_checkpoint: str | Path | None = None,
+               overrides: Sequence[str] = (), device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or continue) the self-training rounds of a recipe; returns one summary per round.
+
+    Arguments left as None come from the recipe's ``[components.pseudo_ce]`` table (whose
+    defaults are CRST's GTA5 schedule: portion 0.2, +0.05 a round, at most 0.5). The round-1
+    model is ``init_checkpoint``, else the recipe's ``pseudo_ce.init_checkpoint``, else the last
+    checkpoint of its ``warmup_recipe`` trained (or reused when finished) under ``runs_root``.
+    """
+    recipe_path = Path(recipe_path)
+    recipe = load_recipe(recipe_path, tuple(overrides))
+    options = schedule_options(recipe, rounds=rounds, portion_start=portion_start, portion_step=portion_step,
+                               portion_max=portion_max)
+    runs_root = Path(runs_root)
+    out = selftrain_dir(runs_root, recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = _initial_checkpoint(recipe, recipe_path, options, init_checkpoint, overrides, runs_root,
+                                     device, progress)
+
+    from da_seg.engine.logging import RunLogger
+
+    summaries: list[dict[str, Any]] = []
+    logger = RunLogger(out)
+    try:
+        for index, portion in enumerate(portions(options.rounds, options.portion_start, options.portion_step,
+                                                 options.portion_max), start=1):
+            round_dir = out / f"round_{index}"
+            start = time.perf_counter()
+            labels = generate_pseudo_labels(checkpoint, recipe, round_dir, index, portion, options,
+                                            device=device, progress=progress)
+            done_file = round_dir / "done"
+            if done_file.exists():
+                done = json.loads(done_file.read_text())
+            else:
+                this = round_recipe(recipe, index, Path(labels["descriptor"]), checkpoint)
+                (round_dir / "recipe.toml").write_text(to_toml(this.to_dict()))
+                run_dir = train_or_resume(this, round_dir / "runs", device=device, progress=progress)
+                done = {"round": index, "portion": portion, "run_dir": str(run_dir),
+                        "checkpoint": str(run_dir / "last.pt"), "last_miou": _miou(run_dir, "last"),
+                        "best_miou": _miou(run_dir, "best"), "seconds": time.perf_counter() - start}
+                _write_json(done, done_file)
+            checkpoint = Path(done["checkpoint"])
+            summary = {**done, "labelled_share": labels["labelled_share"], "thresholds": labels["thresholds"],
+                       "class_share": labels["class_share"]}
+            summaries.append(summary)
+            _write_json(summaries, out / "rounds.json")
+            write_summary_metrics(out, recipe, summaries, finished=index == options.rounds)
+            _log_round(logger, summary, recipe_classes(labels["descriptor"]))
+            if progress:
+                click.echo(f"[self-train] round {index}: portion {portion:.2f}, {100 * labels['labelled_share']:.1f}% "
+                           f"of target pixels labelled, mIoU last {_fmt(done['last_miou'])} / best "
+                           f"{_fmt(done['best_miou'])} ({done['run_dir']})")
+    finally:
+        logger.close()
+    return summaries
+
+
+def write_summary_metrics(out: Path, recipe: Recipe, summaries: list[dict[str, Any]], finished: bool) -> dict:
+    """``out/metrics.json`` in the trainer's format for the rounds as one run (``da-seg compare``
+    then lists the recipe next to the others): every round's evaluations, with iterations counted
+    from the start of round 1; ``last`` = the last round's; ``best`` = the best of all rounds."""
+    evaluations, offset, last_metrics = [], 0, None
+    for summary in summaries:
+        last_metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
+        evaluations += [{**e, "iteration": e["iteration"] + offset, "round": summary["round"]}
+                        for e in last_metrics["evaluations"]]
+        offset += last_metrics["iterations"]
+    primary = last_metrics["primary_domain"]
+
+    def score(record):
+        value = record["domains"].get(primary, {}).get("miou")
+        return -1.0 if value is None else value
+
+    metrics = {**{k: last_metrics[k] for k in ("source", "primary_domain", "val_domains", "class_names", "model")},
+               "recipe": recipe.name, "target": Path(recipe.data.target).stem if recipe.data.target.endswith(".toml")
+               else recipe.data.target, "seed": recipe.train.seed, "iterations": offset, "iteration": offset,
+               "finished": finished, "status": "finished" if finished else "running",
+               "components": list(recipe.components), "rounds": summaries, "evaluations": evaluations,
+               "last": evaluations[-1] if evaluations else None,
+               "best": max(evaluations, key=score) if evaluations else None}
+    _write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def recipe_classes(descriptor: str) -> tuple[str, ...]:
+    from da_seg.data.domains import load_domain
+
+    return load_domain(descriptor).class_names
+
+
+def _log_round(logger, summary: dict[str, Any], class_names: Sequence[str]) -> None:
+    step = summary["round"]
+    values = {"selftrain/portion": summary["portion"], "selftrain/labelled_share": summary["labelled_share"]}
+    for key in ("last_miou", "best_miou"):
+        if summary.get(key) is not None:
+            values[f"selftrain/{key}"] = summary[key]
+    for name, k, share in zip(class_names, summary["thresholds"], summary["class_share"]):
+        values[f"selftrain/threshold/{name}"] = k
+        values[f"selftrain/class_share/{name}"] = share
+    logger.scalars(values, step)
+    logger.flush()
+
+
+def _initial_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpoint, overrides, runs_root: Path,
+                        device: str, progress: bool) -> Path:
+    if init_checkpoint:
+        path = Path(init_checkpoint)
+    elif options.init_checkpoint:
+        path = Path(options.init_checkpoint)
+    elif options.warmup_recipe:
+        warmup_path = (recipe_path.parent / options.warmup_recipe).resolve()
+        # The warm-up is an ordinary run of its own recipe (shared with sweeps of that recipe): only
+        # overrides outside [components] apply to it, and it trains with this recipe's seed.
+        kept = [o for o in overrides if not o.strip().startswith("components.")]
+        warmup = load_recipe(warmup_path, (*kept, f"train.seed={recipe.train.seed}"))
+        if PseudoLabelCE.name in warmup.components:
+            raise ConfigError(f"{warmup_path}: a warm-up recipe must not itself use {PseudoLabelCE.name}")
+        if progress:
+            click.echo(f"[self-train] warm-up model: {warmup.name} seed {warmup.train.seed} under {runs_root}")
+        path = train_or_resume(warmup, runs_root, device=device, progress=progress) / "last.pt"
+    else:
+        raise ConfigError(f"recipe {recipe.name!r}: self-training needs a model to start from: pass --init "
+                          "CHECKPOINT, or set components.pseudo_ce.warmup_recipe (a source-only recipe)")
+    if not path.is_file():
+        raise FileNotFoundError(f"self-training start checkpoint not found: {path}")
+    check_same_model(recipe, path)
+    return path
+
+
+def check_same_model(recipe: Recipe, checkpoint: Path) -> None:
+    """The rounds load the start checkpoint into the recipe's model: both must be the same network
+    (options such as caffe_style change the network without changing its parameter names)."""
+    from da_seg.engine.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(checkpoint).get("model_meta", {})
+    ours = {"name": recipe.model.name, "options": json.loads(json.dumps(dict(recipe.model.options)))}
+    theirs = {"name": meta.get("name"), "options": json.loads(json.dumps(meta.get("options", {})))}
+    if ours != theirs:
+        raise ConfigError(f"recipe {recipe.name!r} trains model {ours['name']!r} with options {ours['options']}, "
+                          f"but the start checkpoint {checkpoint} is {theirs['name']!r} with options "
+                          f"{theirs['options']}; make [model] match the checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (attached to the CLI as `da-seg self-train`)
+
+def is_self_training_recipe(recipe: Recipe) -> bool:
+    """Recipes that `da-seg train` cannot run alone (a sweep should hand them to run_rounds)."""
+    return PseudoLabelCE.name in recipe.components
+
+
+@click.command("self-train")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--rounds", type=int, default=None, help="Rounds to run (default: components.pseudo_ce.rounds).")
+@click.option("--portion-start", type=float, default=None, help="Portion p of round 1 (CRST GTA5: 0.2).")
+@click.option("--portion-step", type=float, default=None, help="Added to p each round (0.05).")
+@click.option("--portion-max", type=float, default=None, help="Upper bound of p (0.5).")
+@click.option("--init", "init_checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Checkpoint that predicts round 1 (default: the recipe's warmup_recipe run).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
+@click.option("--seed", type=int, default=None, help="Shortcut for --set train.seed=N.")
+@click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def self_train(recipe, rounds, portion_start, portion_step, portion_max, init_checkpoint, overrides, seed,
+               runs_root, device, no_progress):
+    """Offline self-training (CBST): rounds of predict -> class-balanced thresholds -> retrain.
+    Resumable: run the same command again to continue."""
+    if seed is not None:
+        overrides = (*overrides, f"train.seed={seed}")
+    summaries = run_rounds(recipe, rounds, portion_start, portion_step, portion_max, runs_root=runs_root,
+                           init_checkpoint=init_checkpoint, overrides=overrides, device=device,
+                           progress=not no_progress)
+    if summaries:
+        last = summaries[-1]
+        click.echo(f"final mIoU after round {last['round']}: last {_fmt(last['last_miou'])}, "
+                   f"best {_fmt(last['best_miou'])}")
