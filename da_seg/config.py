@@ -114,6 +114,7 @@ class EvalConfig:
     adabn: bool = False                   # recompute BatchNorm statistics on target train images first
     adabn_batches: int = 50
     max_panels: int = 4
+    alignment_images: int = 16          # per domain, for the source/target alignment picture; 0 = off
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ def test_tensorboard_has_losses_lr_miou_images_and_hparams(write_recipe, tmp_pat
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/total", "loss/source_ce/ce", "lr/head", "eval/mIoU", "eval/tiny_tgt/mIoU",
             "eval/tiny_tgt/IoU/red", "hparam/last_mIoU"} <= scalars
-    assert {"confusion/tiny_tgt", "panels/tiny_tgt"} <= set(acc.Tags()["images"])
+    assert {"confusion/tiny_tgt", "panels/tiny_tgt", "alignment/output_pca"} <= set(acc.Tags()["images"])
+    assert 0 <= acc.Scalars("alignment/output_separability")[-1].value <= 100
     assert [e.step for e in acc.Scalars("eval/mIoU")] == [3, 6]
 
 

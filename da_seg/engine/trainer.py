@@ -31,6 +31,7 @@ from da_seg.data.domains import Domain, load_domain
 from da_seg.data.loaders import eval_loader, infinite_loader
 from da_seg.data.synthetic import check_synthetic
 from da_seg.engine import distributed as du
+from da_seg.engine.alignment import alignment_image
 from da_seg.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state, write_text_atomic
 from da_seg.engine.evaluate import evaluate, recompute_batchnorm
 from da_seg.engine.logging import Progress, RunLogger
@@ -41,7 +42,8 @@ from da_seg.models import build_model
 from da_seg.models.segmenter import InputNorm, Segmenter
 
 # Recipe keys that may change between a run and its resume without changing what is trained.
-RESUME_SAFE_KEYS = {"train.log_every", "data.num_workers", "eval.max_panels", "description", "reference"}
+RESUME_SAFE_KEYS = {"train.log_every", "data.num_workers", "eval.max_panels", "eval.alignment_images",
+                    "description", "reference"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -284,9 +286,13 @@ class Trainer:
             extra = {f"{c.name}/{k}": v for c in self.components for k, v in c.after_step(ctx).items()}
 
         self.iteration += 1
-        self._last_ctx = ctx
+        # Visuals are drawn at evaluations only: keep this step's tensors alive just then.
+        self._last_ctx = ctx if self._is_eval_iteration(self.iteration) else None
         self._accumulate({"loss/total": total, **{f"loss/{k}": v for k, v in losses.items()},
                           **{f"side/{k}": v for k, v in side.items()}, **{f"stats/{k}": v for k, v in extra.items()}})
+
+    def _is_eval_iteration(self, iteration: int) -> bool:
+        return iteration % self.recipe.train.eval_every == 0 or iteration == self.recipe.schedule.iters
 
     def _accumulate(self, values: dict[str, Any]) -> None:
         for name, value in values.items():
@@ -368,6 +374,8 @@ class Trainer:
                 if result.panels:
                     rows = [panel(img, pred, gt, domain.colors) for img, pred, gt in result.panels]
                     self.logger.image(f"panels/{domain.name}", torch.cat(rows, dim=1), self.iteration)
+        if self.is_main and ev.alignment_images > 0 and self.target_domain is not None and self.val_domains:
+            self._log_alignment(model)
         if self.is_main and self._last_ctx is not None:
             for component in self.components:
                 for tag, image in component.visuals(self._last_ctx).items():
@@ -381,6 +389,25 @@ class Trainer:
         self.logger.scalars(scalars, self.iteration)
         self.logger.flush()
         return record
+
+    def _log_alignment(self, model: nn.Module) -> None:
+        """Do source and target outputs overlap? A PCA scatter of per-pixel softmax vectors from a few
+        source-val and target-val images, and a domain classifier's accuracy (50 = aligned)."""
+        n, split = self.recipe.eval.alignment_images, self.recipe.data.val_split
+        if split not in self.source_domain.splits:
+            return
+        size = self.recipe.data.val_size
+        batches = []
+        for domain in (self.source_domain, self.val_domains[0]):
+            dataset = SegmentationDataset(domain, split, with_labels=False, size=size)
+            images = [dataset[i]["image"] for i in range(min(n, len(dataset)))]
+            if len({tuple(im.shape) for im in images}) != 1:  # mixed sizes: not worth resizing here
+                return
+            batches.append(torch.stack(images).to(self.device))
+        result = alignment_image(model, batches[0], batches[1], kind="output", method="pca",
+                                 seed=self.recipe.train.seed)
+        self.logger.image("alignment/output_pca", result.image, self.iteration)
+        self.logger.scalars({"alignment/output_separability": result.separability}, self.iteration)
 
     def _adabn_batches(self):
         if self.target_domain is None:
@@ -487,7 +514,7 @@ class Trainer:
             while self.iteration < iters:
                 self.step()
                 it = self.iteration
-                is_eval = it % train.eval_every == 0 or it == iters
+                is_eval = self._is_eval_iteration(it)
                 is_ckpt = is_eval or it % train.checkpoint_every == 0
                 if it % train.log_every == 0 or is_ckpt:
                     logs = self.flush_logs()
