@@ -53,12 +53,11 @@ def loader_rate(args, device) -> float:
         raw = next(batches)
         images, labels = augment(raw["image"].to(device, non_blocking=True), raw["label"].to(device, non_blocking=True))
     sync(device)
-    return args.batch * args.iters / (time.perf_counter() - start)
+    return args.batch * args.iters / (time.perf_counter() - start), tuple(images.shape[-2:])
 
 
-def model_rate(args, device, num_classes: int) -> float:
+def model_rate(args, device, num_classes: int, crop: tuple[int, int]) -> float:
     model = build_model(args.model, num_classes).to(device).train()
-    crop = size(args.crop) or size(args.size)
     images = torch.rand(args.batch, 3, *crop, device=device)
     times = []
     for i in range(args.warmup + args.iters):
@@ -87,8 +86,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     num_classes = load_domain(args.domain).num_classes
-    loader = loader_rate(args, device)
-    model = model_rate(args, device, num_classes)
+    loader, crop = loader_rate(args, device)
+    model = model_rate(args, device, num_classes, crop)
     print(f"| domain | size | crop | workers | batch | loader img/s | model ({args.model}) img/s | loader / model |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.domain} | {args.size or 'file'} | {args.crop or '-'} | {args.workers} | {args.batch} | "
