@@ -55,6 +55,32 @@ label_suffix = ".png"
     return descriptor
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The tests' networks are tiny: a second intra-op thread only adds contention on 2 shared cores.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def unlabelled_target(tiny_domains, tmp_path) -> Path:
+    """A copy of the tiny target whose *train* label files are deleted (val labels kept for
+    evaluation): adaptation and pseudo-labelling must run without ever reading them."""
+    import shutil
+
+    original = tiny_domains["target"].parent / "tiny_tgt"
+    root = tmp_path / "tgt_copy"
+    shutil.copytree(original, root)
+    shutil.rmtree(root / "train" / "labels")
+    descriptor = tmp_path / "tiny_tgt.toml"
+    descriptor.write_text(tiny_domains["target"].read_text().replace(str(original), str(root)))
+    return descriptor
+
+
 @pytest.fixture(scope="session")
 def tiny_domains(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_domains")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -126,14 +125,9 @@ warmup_recipe = "warm.toml"
 """
 
 
-def test_rounds_write_pseudo_labels_train_and_resume(write_recipe, tiny_domains, tmp_path):
+def test_rounds_write_pseudo_labels_train_and_resume(write_recipe, unlabelled_target, tmp_path):
     # The target's train labels are deleted: pseudo-labels must never read target ground truth.
-    root = tmp_path / "tgt_copy"
-    shutil.copytree(tiny_domains["target"].parent / "tiny_tgt", root)
-    shutil.rmtree(root / "train" / "labels")
-    descriptor = tmp_path / "tiny_tgt.toml"
-    descriptor.write_text(tiny_domains["target"].read_text().replace(
-        str(tiny_domains["target"].parent / "tiny_tgt"), str(root)))
+    descriptor = unlabelled_target
     for name, components, iters in (("warm", "[components.source_ce]\n", 3), ("cbst", CBST, 2)):
         path = write_recipe(components, iters=iters, name=f"{name}.toml")
         path.write_text(path.read_text().replace('name = "tiny"', f'name = "{name}"'))
@@ -146,7 +140,7 @@ def test_rounds_write_pseudo_labels_train_and_resume(write_recipe, tiny_domains,
     round1 = out / "round_1"
     pseudo = load_domain(str(round1 / "domain" / "tiny_tgt.toml"))
     samples = pseudo.samples("train", with_labels=True)
-    assert len(samples) == 12 and all(s.image.parent == root / "train" / "images" for s in samples)
+    assert len(samples) == 12 and all(s.image.parent == tmp_path / "tgt_copy" / "train" / "images" for s in samples)
     label = pseudo.read_label(samples[0].label)
     assert label.shape == (32, 48) and set(np.unique(label)) <= {0, 1, 2, 255}
     info = json.loads((round1 / "thresholds.json").read_text())

@@ -20,15 +20,6 @@ H, W = 65, 97
 SMALL = (1, 3, 33, 49)  # for the costly forward/backward checks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tests' convolutions are tiny: a second intra-op thread only adds contention on shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ceil(size: int, stride: int) -> int:
     return math.ceil(size / stride)
 

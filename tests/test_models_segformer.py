@@ -17,15 +17,6 @@ H, W = 65, 97
 PUBLISHED_MILLIONS = {"b0": 3.8, "b1": 13.7, "b2": 27.5, "b3": 47.3, "b4": 64.1, "b5": 84.7}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tests' convolutions are tiny: a second intra-op thread only adds contention on shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -116,20 +115,10 @@ def test_after_step_moves_the_teacher_by_the_formula(write_recipe):
     assert visuals["mixed"].shape == (3, 32, 3 * 48)
 
 
-def _target_without_train_labels(tiny_domains, tmp_path):
-    root = tmp_path / "tgt_copy"
-    shutil.copytree(tiny_domains["target"].parent / "tiny_tgt", root)
-    shutil.rmtree(root / "train" / "labels")
-    descriptor = tmp_path / "tiny_tgt.toml"
-    descriptor.write_text(tiny_domains["target"].read_text().replace(
-        str(tiny_domains["target"].parent / "tiny_tgt"), str(root)))
-    return descriptor
-
-
-def test_end_to_end_without_target_train_labels_logs_stats_and_panels(write_recipe, tiny_domains, tmp_path):
+def test_end_to_end_without_target_train_labels_logs_stats_and_panels(write_recipe, unlabelled_target, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    descriptor = _target_without_train_labels(tiny_domains, tmp_path)
+    descriptor = unlabelled_target
     recipe = load_recipe(write_recipe(MT + 'mix_classes = "per_batch"\nignore_top = 2\n'),
                          [f"data.target={descriptor}"])
     metrics = train(recipe, tmp_path / "runs", progress=False)

@@ -26,15 +26,6 @@ _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.uint8: "U8"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tests' convolutions are tiny: a second intra-op thread only adds contention on shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_safetensors(path, tensors: dict[str, torch.Tensor], align: bool = True) -> None:
     header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, t in tensors.items():
