@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from da_seg.models.deeplab import deeplabv2_r50, deeplabv2_r101, deeplabv3plus_r50, deeplabv3plus_r101
-from da_seg.models.segformer import segformer_b0, segformer_b1, segformer_b2, segformer_b3, segformer_b4, segformer_b5
+from da_seg.models.segformer import SEGFORMER_BUILDERS
 from da_seg.models.segmenter import Segmenter
 from da_seg.models.small import build_deeplab_small
 
@@ -17,12 +17,7 @@ MODELS: dict[str, Callable[..., Segmenter]] = {
     "deeplabv2_r101": deeplabv2_r101,
     "deeplabv3plus_r50": deeplabv3plus_r50,
     "deeplabv3plus_r101": deeplabv3plus_r101,
-    "segformer_b0": segformer_b0,
-    "segformer_b1": segformer_b1,
-    "segformer_b2": segformer_b2,
-    "segformer_b3": segformer_b3,
-    "segformer_b4": segformer_b4,
-    "segformer_b5": segformer_b5,
+    **SEGFORMER_BUILDERS,
 }
 
 

@@ -269,37 +269,19 @@ def build_segformer(num_classes: int, variant: str, *, pretrained: str = "", dro
     return model
 
 
-def segformer_b0(num_classes: int, pretrained: str = "", drop_path: float = 0.1,
-                 input_norm: str | None = None) -> SegFormer:
-    """SegFormer MiT-B0 + all-MLP decoder (embed 256), logits at 1/4."""
-    return build_segformer(num_classes, "b0", pretrained=pretrained, drop_path=drop_path, input_norm=input_norm)
+def _variant_builder(variant: str):
+    """The registry entry ``segformer_<variant>``: ``build_segformer`` with the variant fixed."""
+
+    def builder(num_classes: int, pretrained: str = "", drop_path: float = 0.1,
+                input_norm: str | None = None) -> SegFormer:
+        return build_segformer(num_classes, variant, pretrained=pretrained, drop_path=drop_path,
+                               input_norm=input_norm)
+
+    embed = 256 if variant in ("b0", "b1") else 768
+    note = " (DAFormer's encoder)" if variant == "b5" else ""
+    builder.__name__ = builder.__qualname__ = f"segformer_{variant}"
+    builder.__doc__ = f"SegFormer MiT-{variant.upper()} + all-MLP decoder (embed {embed}), logits at 1/4{note}."
+    return builder
 
 
-def segformer_b1(num_classes: int, pretrained: str = "", drop_path: float = 0.1,
-                 input_norm: str | None = None) -> SegFormer:
-    """SegFormer MiT-B1 + all-MLP decoder (embed 256), logits at 1/4."""
-    return build_segformer(num_classes, "b1", pretrained=pretrained, drop_path=drop_path, input_norm=input_norm)
-
-
-def segformer_b2(num_classes: int, pretrained: str = "", drop_path: float = 0.1,
-                 input_norm: str | None = None) -> SegFormer:
-    """SegFormer MiT-B2 + all-MLP decoder (embed 768), logits at 1/4."""
-    return build_segformer(num_classes, "b2", pretrained=pretrained, drop_path=drop_path, input_norm=input_norm)
-
-
-def segformer_b3(num_classes: int, pretrained: str = "", drop_path: float = 0.1,
-                 input_norm: str | None = None) -> SegFormer:
-    """SegFormer MiT-B3 + all-MLP decoder (embed 768), logits at 1/4."""
-    return build_segformer(num_classes, "b3", pretrained=pretrained, drop_path=drop_path, input_norm=input_norm)
-
-
-def segformer_b4(num_classes: int, pretrained: str = "", drop_path: float = 0.1,
-                 input_norm: str | None = None) -> SegFormer:
-    """SegFormer MiT-B4 + all-MLP decoder (embed 768), logits at 1/4."""
-    return build_segformer(num_classes, "b4", pretrained=pretrained, drop_path=drop_path, input_norm=input_norm)
-
-
-def segformer_b5(num_classes: int, pretrained: str = "", drop_path: float = 0.1,
-                 input_norm: str | None = None) -> SegFormer:
-    """SegFormer MiT-B5 + all-MLP decoder (embed 768), logits at 1/4 (DAFormer's encoder)."""
-    return build_segformer(num_classes, "b5", pretrained=pretrained, drop_path=drop_path, input_norm=input_norm)
+SEGFORMER_BUILDERS = {f"segformer_{variant}": _variant_builder(variant) for variant in MIT_CONFIGS}

@@ -104,6 +104,7 @@ class DeepLabSmall(Segmenter):
 
 def build_deeplab_small(num_classes: int, width: int = 16, blocks: tuple[int, ...] = (1, 1, 1, 1),
                         multi_level: bool = False, aspp_channels: int = 64, pretrained: str = "") -> DeepLabSmall:
+    """Small DeepLab (BasicBlock ResNet, OS 8, light ASPP) for CPU demos and tests; random init only."""
     if pretrained:
         raise ValueError("deeplab_small has no pretrained weights; set model.pretrained = \"\"")
     if len(blocks) != 4:
