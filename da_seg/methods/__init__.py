@@ -8,11 +8,12 @@ from da_seg.methods.base import Component, ComponentSetup, parse_options
 from da_seg.methods.cbst import PseudoLabelCE
 from da_seg.methods.entropy import MinEnt
 from da_seg.methods.self_training import MeanTeacher
-from da_seg.methods.source import SourceCE, TargetCE
+from da_seg.methods.source import SourceCE, TargetBatchNorm, TargetCE
 
 METHODS: dict[str, type[Component]] = {
     SourceCE.name: SourceCE,
     TargetCE.name: TargetCE,
+    TargetBatchNorm.name: TargetBatchNorm,
     AdaptSegNet.name: AdaptSegNet,
     AdvEnt.name: AdvEnt,
     MinEnt.name: MinEnt,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -52,3 +53,31 @@ class TargetCE(Component):
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         return segmentation_ce(ctx.target_out, ctx.target.labels, self.options, self.setup.ignore_index)
+
+
+@dataclass(frozen=True)
+class TargetBatchNormOptions:
+    pass
+
+
+class TargetBatchNorm(Component):
+    """A control, not a method: the target batch goes through the segmenter with no loss.
+
+    Every target-side method (MinEnt, AdvEnt, mean teacher) forwards target batches in training
+    mode, so BatchNorm's running statistics drift towards the target whatever the loss does. This
+    component does only that, so that ``source_ce + target_bn`` measures how much of a method's
+    gain is BatchNorm seeing the target (an online AdaBN) rather than the method's loss.
+    No gradient flows from it: it contributes no loss term. List it with ``source_ce`` only (with a
+    target method it would add a second target forward and a second statistics update).
+    """
+
+    name = "target_bn"
+    Options = TargetBatchNormOptions
+    uses_target = True
+
+    def losses(self, ctx: StepContext) -> dict[str, Tensor]:
+        # Not through the ctx.target_out cache: a gradient-free output there would break any
+        # target method listed beside it. Training mode, so the running statistics update.
+        with torch.no_grad():
+            ctx.forward(ctx.target.images)
+        return {}
