@@ -91,3 +91,15 @@ def test_minent_and_advent_cost_one_target_forward(write_recipe):
     trainer.step()
     assert all(tuple(shape) == (2, 3, 32, 48) for shape in batches)  # tiny recipe: batch 2 of 32x48
     assert len(batches) == 2  # one source forward, one target forward, for three components
+
+
+def test_target_bn_moves_batchnorm_statistics_without_a_loss_or_gradient():
+    model, setup, ctx = _setup()
+    (control,) = build_components({"target_bn": {}}, setup)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    model.train()
+    assert control.losses(ctx) == {}
+    assert not torch.allclose(bn.running_mean, before)          # the statistics saw the target batch
+    assert all(p.grad is None for p in model.parameters())
+    assert "target" not in ctx._cache   # a gradient-free output must not be served to other components

@@ -1,0 +1,331 @@
+"""Training-step throughput of each method recipe against the bare cost of the same work.
+
+    python benchmarks/throughput.py recipes/synthetic/streets/*.toml --device cpu
+    python benchmarks/throughput.py recipes/gta5_to_cityscapes/advent.toml \
+        recipes/gta5_to_cityscapes/daformer_mitb5.toml --device cuda --amp bf16 --channels-last
+
+For every recipe, in a fresh process:
+1. The recipe's own Trainer runs ``--warmup`` then ``--steps`` iterations of its step, with the
+   loss logging of ``fit()`` (device-side sums, one host copy every ``train.log_every`` steps),
+   the recipe's loaders (``data.num_workers`` processes) and its GPU augmentation. Evaluation and
+   checkpoints are periodic and left out; the eval benchmark below times evaluation.
+2. The first step records every network call it makes: the segmenter (source, target, mixed
+   images), the methods' own networks (discriminators, EMA teacher) with their input shapes,
+   grad mode and autocast state. The *bare work* replays exactly those calls on tensors already
+   on the device, one backward over everything that had a gradient, and the optimizers' steps.
+   No data loading, augmentation, loss functions, logging or bookkeeping.
+3. overhead ratio = step time / bare time. Everything above 1 is the loop's cost: loader waits,
+   augmentation, the loss terms themselves (upsampling logits to the label size, softmax, CE),
+   EMA updates, logging and host-device synchronization.
+A third pass times the data path alone (``_next_batches``: loader + transfer + augmentation).
+
+Data: ``--data random`` (default) writes a temporary domain of random smooth images with the
+recipe's classes at ``--source-size`` / ``--target-size`` (PNG, like GTA5 and Cityscapes), so no
+dataset is needed; ``--data recipe`` uses the recipe's own domains.
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on CPU the process's
+peak RSS (``ru_maxrss``, includes the Python runtime and the loader's shared memory).
+
+Evaluation: ``--eval-size 1024x2048`` also times full-resolution prediction (whole image and
+sliding window, ``--eval-crop``) of the recipe's segmenter, in images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from da_seg.config import load_recipe  # noqa: E402
+from da_seg.data.domains import load_domain  # noqa: E402
+from da_seg.engine.evaluate import predict  # noqa: E402
+from da_seg.engine.trainer import Trainer  # noqa: E402
+
+
+# ------------------------------------------------------------------ recording the step's work
+@dataclass
+class Call:
+    """One network call made by a training step, enough to replay it."""
+
+    module: str                          # "segmenter" or "<component>.<network>"
+    inputs: list[tuple[tuple[int, ...], torch.dtype, bool]]  # shape, dtype, requires_grad per tensor
+    grad: bool                           # torch.is_grad_enabled() at the call
+    autocast: torch.dtype | None         # autocast dtype when enabled
+
+
+class CallRecorder:
+    """Forward pre-hooks on the top-level networks; ``calls`` lists what one step ran."""
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device):
+        self.modules, self.device = modules, device
+        self.calls: list[Call] = []
+        self.recording = False
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not self.recording:
+                return
+            tensors = [(tuple(a.shape), a.dtype, a.requires_grad) for a in args if isinstance(a, Tensor)]
+            kind = self.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+            self.calls.append(Call(name, tensors, torch.is_grad_enabled(), dtype))
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _output_tensors(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _output_tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _output_tensors(o)]
+    if hasattr(out, "logits"):  # SegmenterOutput: what the losses read
+        return [t for t in (out.logits, getattr(out, "aux_logits", None)) if t is not None]
+    return []
+
+
+class BareWork:
+    """Replays recorded calls on fixed device tensors: forwards, one backward, optimizer steps."""
+
+    def __init__(self, calls: list[Call], modules: dict[str, nn.Module], optimizers: list, device):
+        self.calls, self.modules, self.optimizers = calls, modules, optimizers
+        self.inputs = [[(torch.rand(shape, device=device, dtype=dtype) if dtype.is_floating_point
+                         else torch.zeros(shape, device=device, dtype=dtype)).requires_grad_(rg)
+                        for shape, dtype, rg in call.inputs] for call in calls]
+
+    def __call__(self) -> None:
+        scalars = []
+        for call, inputs in zip(self.calls, self.inputs):
+            kind = inputs[0].device.type if inputs else "cpu"
+            amp = torch.autocast(kind, dtype=call.autocast) if call.autocast is not None else nullcontext()
+            with torch.set_grad_enabled(call.grad), amp:
+                out = self.modules[call.module](*inputs)
+            if call.grad:
+                scalars += [t.float().mean() for t in _output_tensors(out) if t.requires_grad]
+        if scalars:
+            torch.stack(scalars).sum().backward()
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------ a temporary random domain
+def write_random_domain(root: Path, name: str, class_names, colors, size: tuple[int, int], count: int,
+                        seed: int) -> Path:
+    """``count`` smooth random RGB PNGs and blob labels at ``size`` (H, W); returns the descriptor."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        for i in range(count if split == "train" else 2):
+            coarse = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+            image = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
+            noise = rng.integers(-12, 13, (h, w, 3))
+            image = Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+            image.save(root / split / "images" / f"{i:05d}.png")
+            blobs = rng.integers(0, len(class_names), (h // 32 + 1, w // 32 + 1), dtype=np.uint8)
+            Image.fromarray(blobs).resize((w, h), Image.NEAREST).save(root / split / "labels" / f"{i:05d}.png")
+    names = ", ".join(f'"{n}"' for n in class_names)
+    cols = ", ".join(f"[{r}, {g}, {b}]" for r, g, b in colors)
+    descriptor = root / f"{name}.toml"
+    descriptor.write_text(
+        f'name = "{name}"\nroot = "{root}"\n\n[classes]\nnames = [{names}]\ncolors = [{cols}]\n\n'
+        + "".join(f'[splits.{s}]\nimages = "{s}/images"\nimage_suffix = ".png"\nlabels = "{s}/labels"\n'
+                  f'label_suffix = ".png"\n\n' for s in ("train", "val")))
+    return descriptor
+
+
+# ------------------------------------------------------------------ one recipe
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, steps: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` over ``steps`` calls, synchronized once at each end."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="da_seg_throughput_") as tmp:
+        overrides = list(overrides)
+        recipe = load_recipe(recipe_path, tuple(overrides))
+        if args.data == "random":
+            classes = load_domain(recipe.data.source)
+            domains = {}
+            for role, size in (("source", args.source_size), ("target", args.target_size)):
+                domains[role] = write_random_domain(Path(tmp) / role, f"bench_{role}", classes.class_names,
+                                                    classes.colors, size, args.images, seed=len(role))
+            overrides += [f'data.source="{domains["source"]}"', 'data.val_domains=[]',
+                          f"data.source_size={list(args.source_size)}", f"data.target_size={list(args.target_size)}"]
+            if recipe.data.target:
+                overrides += [f'data.target="{domains["target"]}"']
+        overrides += [f"schedule.iters={args.warmup + 2 * args.steps + 10}", f"train.amp=\"{args.amp}\"",
+                      f"model.channels_last={'true' if args.channels_last else 'false'}"]
+        recipe = load_recipe(recipe_path, tuple(overrides))
+        trainer = Trainer(recipe, run_dir=None, device=args.device, progress=False)
+        device = trainer.device
+
+        modules = {"segmenter": trainer.model}
+        for component in trainer.components:
+            for name, net in component.networks.items():
+                modules[f"{component.name}.{name}"] = net
+        recorder = CallRecorder(modules, device)
+        recorder.recording = True
+        trainer.step()                          # also builds the loaders and warms the allocator
+        recorder.recording = False
+        recorder.remove()
+        if args.compile:
+            trainer.net = torch.compile(trainer.net)
+            modules["segmenter"] = trainer.net
+
+        log_every = recipe.train.log_every
+
+        def loop_step() -> None:
+            trainer.step()
+            if trainer.iteration % log_every == 0:
+                trainer.flush_logs()
+
+        for _ in range(args.warmup):
+            loop_step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_s = _timed(loop_step, args.steps, device)
+        peak_step = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+        optimizers = [trainer.optimizer] + [o for c in trainer.components for o in c.optimizers.values()]
+        bare = BareWork(recorder.calls, modules, optimizers, device)
+        for _ in range(max(1, args.warmup // 2)):
+            bare()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        bare_s = _timed(bare, args.steps, device)
+        peak_bare = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+        data_s = _timed(trainer._next_batches, args.steps, device)
+
+        eval_rows = []
+        if args.eval_size:
+            model = trainer.model.eval()
+            images = torch.rand(1, 3, *args.eval_size, device=device)
+            with torch.no_grad():
+                for mode in ("whole", "slide"):
+                    kwargs = {"crop": args.eval_crop, "stride": (args.eval_crop[0] * 2 // 3,
+                                                                args.eval_crop[1] * 2 // 3)} if mode == "slide" else {}
+                    run = lambda: predict(model, images, mode=mode, amp_dtype=trainer.amp_dtype, **kwargs)  # noqa: E731
+                    run()
+                    eval_rows.append((mode, 1.0 / _timed(run, args.eval_iters, device)))
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        images = recipe.data.batch_size * (int(trainer.uses_source) + int(trainer.uses_target))
+        counts: dict[str, int] = {}
+        for call in recorder.calls:
+            key = call.module + ("" if call.grad else " (no grad)")
+            counts[key] = counts.get(key, 0) + 1
+        return {
+            "recipe": recipe_path, "model": recipe.model.name, "methods": "+".join(recipe.components),
+            "batch": f"{recipe.data.batch_size}+{recipe.data.batch_size if trainer.uses_target else 0}",
+            "step_ms": step_s * 1e3, "bare_ms": bare_s * 1e3, "ratio": step_s / bare_s,
+            "data_ms": data_s * 1e3, "images_per_s": images / step_s,
+            "peak_mib": (peak_step / 2**20) if peak_step is not None else rss / 2**20,
+            "bare_peak_mib": (peak_bare / 2**20) if peak_bare is not None else None,
+            "calls": ", ".join(f"{k} x{v}" for k, v in counts.items()), "eval": eval_rows,
+            "amp": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "off",
+        }
+
+
+def _in_fresh_process(*job) -> dict:
+    """Each recipe in its own process: clean allocator, loaders and peak-memory counters."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(measure, *job).result()
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = text.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x1024 (HxW), got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="+")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override applied to every recipe (e.g. model.name=\"deeplabv2_r101\")")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="train.amp (CUDA only)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the segmenter (both passes)")
+    parser.add_argument("--data", choices=("random", "recipe"), default="random")
+    parser.add_argument("--source-size", type=_size, default=(64, 128))
+    parser.add_argument("--target-size", type=_size, default=(64, 128))
+    parser.add_argument("--images", type=int, default=16, help="images per random domain")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
+    parser.add_argument("--eval-size", type=_size, default=None)
+    parser.add_argument("--eval-crop", type=_size, default=(512, 1024))
+    parser.add_argument("--eval-iters", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    memory = "peak alloc MiB" if str(args.device).startswith("cuda") else "peak RSS MiB"
+    print(f"device {args.device}, AMP {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
+          f"data {args.data} ({args.source_size[0]}x{args.source_size[1]} source, "
+          f"{args.target_size[0]}x{args.target_size[1]} target), {args.warmup} warm-up + {args.steps} timed "
+          f"steps, torch {torch.__version__}")
+    header = (f"| recipe | model | batch | step ms | bare ms | overhead | data ms | images/s | {memory} | "
+              f"network calls per step |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    evals = []
+    for path in args.recipes:
+        r = _in_fresh_process(path, args.overrides, args)
+        print(f"| {Path(r['recipe']).stem} | {r['model']} | {r['batch']} | {r['step_ms']:.1f} | {r['bare_ms']:.1f} | "
+              f"{r['ratio']:.3f} | {r['data_ms']:.1f} | {r['images_per_s']:.1f} | {r['peak_mib']:.0f} | "
+              f"{r['calls']} |", flush=True)
+        evals += [(r["model"], mode, ips) for mode, ips in r["eval"]]
+    if evals:
+        size = f"{args.eval_size[0]}x{args.eval_size[1]}"
+        print(f"\nevaluation at {size} (slide: {args.eval_crop[0]}x{args.eval_crop[1]} crops, 2/3 stride)")
+        print("| model | mode | images/s |\n|---|---|---|")
+        seen = set()
+        for model, mode, ips in evals:
+            if (model, mode) not in seen:
+                seen.add((model, mode))
+                print(f"| {model} | {mode} | {ips:.2f} |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    main()
