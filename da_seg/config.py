@@ -1,6 +1,6 @@
 """Recipes: TOML files -> frozen dataclasses.
 
-A recipe may ``extends = "other.toml"`` (one level, path relative to the recipe) and is then
+A recipe may ``extends = "other.toml"`` (a path relative to the recipe; bases may extend further) and is then
 deep-merged over its base; ``--set a.b=value`` overrides are applied last (values parsed as
 TOML literals, so ``--set optim.lr=1e-3`` is a float and ``--set data.source=gta5`` a string).
 Unknown keys fail with the closest valid key, because a typo in a recipe silently running
@@ -154,22 +154,34 @@ def _short(domain: str) -> str:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file, resolve ``extends`` and ``--set`` overrides, validate every key."""
     path = Path(path)
-    raw = _read_toml(path)
-    if "extends" in raw:
-        base_path = (path.parent / raw.pop("extends")).resolve()
-        base = _read_toml(base_path)
-        if "extends" in base:
-            raise ConfigError(f"{path}: extends {base_path}, which itself extends {base['extends']!r}; "
-                              "only one level of extends is allowed")
-        base.pop("name", None)
-        base.pop("description", None)
-        raw = deep_merge(base, raw)
+    raw = _read_with_bases(path, ())
     raw.setdefault("name", path.stem)
     for override in overrides:
         apply_override(raw, override)
     # `source_ce = false` under [components] removes a component a base recipe listed.
     raw["components"] = {k: v for k, v in raw.get("components", {}).items() if v is not False}
     return recipe_from_dict(raw, source=str(path))
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A recipe's table deep-merged over its ``extends`` chain (each path relative to its file).
+
+    The name and description belong to the file itself and are not inherited.
+    """
+    raw = _read_toml(path)
+    if "extends" not in raw:
+        return raw
+    base_path = (path.parent / raw.pop("extends")).resolve()
+    chain = (*chain, path.resolve())
+    if base_path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base_path))
+        raise ConfigError(f"{path}: extends forms a cycle: {cycle}")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends {base_path}, which does not exist")
+    base = _read_with_bases(base_path, chain)
+    base.pop("name", None)
+    base.pop("description", None)
+    return deep_merge(base, raw)
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:

@@ -51,11 +51,19 @@ def test_wrong_types_and_shapes_fail(tmp_path):
         recipe_from_dict({})
 
 
-def test_two_levels_of_extends_rejected(tmp_path):
-    write(tmp_path, "a.toml", '[data]\nsource = "x"\n')
-    write(tmp_path, "b.toml", 'extends = "a.toml"\n')
-    with pytest.raises(ConfigError, match="only one level"):
-        load_recipe(write(tmp_path, "c.toml", 'extends = "b.toml"\n'))
+def test_extends_chains_and_rejects_cycles_and_missing_bases(tmp_path):
+    write(tmp_path, "a.toml", '[data]\nsource = "x"\nbatch_size = 3\n[optim]\nlr = 0.5\n[components.source_ce]\n')
+    write(tmp_path, "b.toml", 'extends = "a.toml"\n[optim]\nlr = 0.25\n[components]\nsource_ce = false\n'
+                              '[components.target_ce]\n')
+    recipe = load_recipe(write(tmp_path, "c.toml", 'extends = "b.toml"\n[data]\nbatch_size = 4\n'))
+    assert (recipe.name, recipe.data.source, recipe.data.batch_size, recipe.optim.lr) == ("c", "x", 4, 0.25)
+    assert list(recipe.components) == ["target_ce"]
+    write(tmp_path, "loop1.toml", 'extends = "loop2.toml"\n')
+    write(tmp_path, "loop2.toml", 'extends = "loop1.toml"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(tmp_path / "loop1.toml")
+    with pytest.raises(ConfigError, match="missing.toml, which does not exist"):
+        load_recipe(write(tmp_path, "d.toml", 'extends = "missing.toml"\n'))
 
 
 def test_resolved_recipe_round_trips_through_toml():
