@@ -255,16 +255,17 @@ def test_san_saw_losses_and_gradients_reach_only_the_right_modules():
     blocks = model.dg_norm.blocks
     assert blocks["layer1"].aux_classifier.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.backbone.parameters())
-    assert blocks["layer1"].attention[0].weight.grad is None and blocks["layer2"].aux_classifier.weight.grad is None
+    assert blocks["layer1"].attention.weight.grad is None and blocks["layer2"].aux_classifier.weight.grad is None
     model.zero_grad(set_to_none=True)
     total = sum(segmentation_ce(ctx.source_out, ctx.source.labels, CrossEntropyOptions(), 255).values()) \
         + sum(terms.values())
     total.backward()
     for stage in ("layer1", "layer2"):
         block = blocks[stage]
-        for param in (block.aux_classifier.weight, block.affine_weight, block.affine_bias,
-                      *[conv.weight for conv in block.attention]):
+        for param in (block.aux_classifier.weight, block.affine_weight, block.affine_bias, block.attention.weight):
             assert param.grad is not None and param.grad.abs().sum() > 0
+        per_class = block.attention.weight.grad.flatten(1).abs().sum(1)    # (K,): every class's attention
+        assert (per_class > 0).all()
     assert model.backbone.layer1[0].conv1.weight.grad.abs().sum() > 0
 
 

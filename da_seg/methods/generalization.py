@@ -112,8 +112,8 @@ def sensitive_mask(variance: Tensor, clusters: int) -> Tensor:
     c = variance.shape[0]
     rows, cols = torch.triu_indices(c, c, offset=1, device=variance.device)
     values = variance[rows, cols].float().unsqueeze(0)                              # (1, C(C-1)/2)
-    assign, centroids = kmeans_1d(values, clusters, iters=50)
-    sensitive = (assign[0] != centroids[0].argmin()).float()
+    assign, _ = kmeans_1d(values, clusters, iters=50)
+    sensitive = (assign[0] > 0).float()                                              # cluster 0 is the lowest
     mask = torch.zeros(c, c, device=variance.device)
     mask[rows, cols] = sensitive
     return mask

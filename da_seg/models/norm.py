@@ -12,6 +12,10 @@ Two methods train on the source only and make the encoder's features insensitive
   heatmap mean_ch(y_c) outside the lowest of ``kmeans_clusters`` 1-D k-means clusters, per image.
   [!] The release shares one IN affine between the classes and its region clustering never runs
   (the mask is always 1, so RN is a plain IN): ``release_behaviour = true`` reproduces that.
+  Our reading where neither says: the pixels outside a region are standardized on their own, as
+  in Region Normalization (Yu et al., AAAI 2020), rather than zeroed, so that classes outside the
+  selected ones keep their features; the clustering (which the release meant to run on the whole
+  batch with an exact 1-D solver) runs per image and class, with Lloyd iterations.
 - **ISW**'s instance normalization (RobustNet; Choi et al., CVPR 2021): IN (no affine) then ReLU
   after a stage; the whitening loss on the IN output lives in ``methods/generalization.py``.
   RobustNet puts the IN inside the stage's last block, before its ReLU (and replaces the stem's
@@ -91,27 +95,31 @@ def kmeans_1d(values: Tensor, k: int, iters: int = 10) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means of each row of ``values`` (B, P) -> (assignments (B, P) int64, centroids (B, k)).
 
     Centroids start evenly spaced between the row's minimum and maximum (deterministic, and a
-    long upper tail gets clusters of its own, which is what both uses look for). A constant row
-    leaves k equal centroids; the first one takes every point.
+    long upper tail gets clusters of its own, which is what both uses look for) and stay sorted,
+    so cluster 0 is the lowest. In 1-D a point's nearest centroid is found by comparing it with
+    the k - 1 midpoints between sorted centroids. A constant row leaves k equal centroids and
+    puts every point in cluster 0.
     """
     values = values.detach().float()
     low, high = values.amin(1, keepdim=True), values.amax(1, keepdim=True)
     centroids = low + (high - low) * torch.linspace(0, 1, k, device=values.device)   # (B, k)
-    for _ in range(iters):
-        assign = (values.unsqueeze(-1) - centroids.unsqueeze(1)).abs().argmin(-1)  # (B, P)
-        members = F.one_hot(assign, k).to(values.dtype)                            # (B, P, k)
-        counts = members.sum(1)
-        sums = (members * values.unsqueeze(-1)).sum(1)
+    ones = torch.ones_like(values)
+    for step in range(iters + 1):
+        centroids = centroids.sort(1).values
+        midpoints = (centroids[:, 1:] + centroids[:, :-1]) / 2                      # (B, k - 1)
+        assign = (values.unsqueeze(-1) > midpoints.unsqueeze(1)).sum(-1)            # (B, P)
+        if step == iters:
+            break
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign, values)
+        counts = torch.zeros_like(centroids).scatter_add_(1, assign, ones)
         centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
-    assign = (values.unsqueeze(-1) - centroids.unsqueeze(1)).abs().argmin(-1)
     return assign, centroids
 
 
 def heatmap_region(heat: Tensor, clusters: int) -> Tensor:
     """(N, 1, h, w) class heatmap -> (N, 1, h, w) {0, 1}: pixels outside its lowest k-means cluster."""
-    assign, centroids = kmeans_1d(heat.flatten(1), clusters)
-    lowest = centroids.argmin(1, keepdim=True)                                      # (N, 1)
-    return (assign != lowest).to(heat.dtype).view_as(heat)
+    assign, _ = kmeans_1d(heat.flatten(1), clusters)
+    return (assign > 0).to(heat.dtype).view_as(heat)
 
 
 def _standardize(x: Tensor, weight: Tensor) -> Tensor:
@@ -147,7 +155,9 @@ class SemanticAwareNorm(nn.Module):
     """SAN after one stage, with its aux classifier.
 
     x (N, C, h, w) -> (ReLU(sum_c out_c) (N, C, h, w), {"aux_logits": (N, num_classes, h, w),
-    "input": x, "output": the result}).
+    "input": x, "output": the result}). The K selected classes are processed together, as a
+    (N, K, C, h, w) tensor: K times the stage's activation memory, in exchange for one kernel
+    per operation instead of K.
     """
 
     def __init__(self, channels: int, num_classes: int, classes: tuple[int, ...], *,
@@ -156,35 +166,42 @@ class SemanticAwareNorm(nn.Module):
         self.classes = tuple(classes)
         self.release_behaviour = release_behaviour
         self.kmeans_clusters = kmeans_clusters
+        k = len(self.classes)
         self.aux_classifier = nn.Conv2d(channels, num_classes, 1)
-        # Category-level feature refinement: a spatial attention per selected class.
-        self.attention = nn.ModuleList(nn.Conv2d(3, 1, 7, padding=3, bias=False) for _ in self.classes)
-        n_affine = 1 if release_behaviour else len(self.classes)
+        # Category-level feature refinement: one 7x7 spatial attention (3 -> 1) per selected
+        # class, as one grouped convolution.
+        self.attention = nn.Conv2d(3 * k, k, 7, padding=3, groups=k, bias=False)
+        n_affine = 1 if release_behaviour else k
         self.affine_weight = nn.Parameter(torch.ones(n_affine, channels))
         self.affine_bias = nn.Parameter(torch.zeros(n_affine, channels))
-        for conv in [self.aux_classifier, *self.attention]:  # N(0, 0.01) as the release
+        for conv in (self.aux_classifier, self.attention):  # N(0, 0.01) as the release
             nn.init.normal_(conv.weight, 0.0, 0.01)
         nn.init.zeros_(self.aux_classifier.bias)
 
-    def _affine(self, x: Tensor, index: int) -> Tensor:
-        i = 0 if self.release_behaviour else index
-        return x * self.affine_weight[i].view(1, -1, 1, 1) + self.affine_bias[i].view(1, -1, 1, 1)
+    def _normalize_and_sum(self, per_class: Tensor, regions: Tensor | None) -> Tensor:
+        """per_class (N, K, C, h, w), regions (N, K, h, w) or None -> ReLU(sum_k affine_k(RN)) (N, C, h, w)."""
+        n, k, c, h, w = per_class.shape
+        flat_regions = None if regions is None else regions.reshape(n * k, 1, h, w)
+        normalized = region_normalize(per_class.reshape(n * k, c, h, w), flat_regions).view(n, k, c, h, w)
+        weight = self.affine_weight.view(1, -1, c, 1, 1)   # one row per class, or one shared (release)
+        bias = self.affine_bias.view(1, -1, c, 1, 1)
+        return F.relu((normalized * weight + bias).sum(1))
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        n, c, h, w = x.shape
+        k = len(self.classes)
         # Detached: the aux classifier learns from its own CE and SAN, never steers the encoder.
-        aux = self.aux_classifier(x.detach())                                # (N, K_all, h, w)
-        prob = F.softmax(aux.float(), dim=1).to(x.dtype)
-        total = None
-        for index, c in enumerate(self.classes):
-            m = prob[:, c:c + 1]                                             # (N, 1, h, w)
-            mid = x * m
-            descriptor = torch.cat([mid.mean(1, keepdim=True), mid.amax(1, keepdim=True), m], dim=1)
-            refined = mid * torch.sigmoid(self.attention[index](descriptor))
-            region = None if self.release_behaviour else heatmap_region(
-                refined.detach().mean(1, keepdim=True), self.kmeans_clusters)
-            out = self._affine(region_normalize(refined, region), index)
-            total = out if total is None else total + out
-        result = F.relu(total)
+        aux = self.aux_classifier(x.detach())                                # (N, num_classes, h, w)
+        prob = F.softmax(aux.float(), dim=1)[:, list(self.classes)].to(x.dtype)  # (N, K, h, w)
+        mid = x.unsqueeze(1) * prob.unsqueeze(2)                             # (N, K, C, h, w)
+        descriptor = torch.stack([mid.mean(2), mid.amax(2), prob], dim=2)    # (N, K, 3, h, w)
+        attention = torch.sigmoid(self.attention(descriptor.reshape(n, 3 * k, h, w)))  # (N, K, h, w)
+        refined = mid * attention.unsqueeze(2)
+        regions = None
+        if not self.release_behaviour:
+            heat = refined.detach().mean(2).reshape(n * k, 1, h, w)          # class heatmaps
+            regions = heatmap_region(heat, self.kmeans_clusters).view(n, k, h, w)
+        result = self._normalize_and_sum(refined, regions)
         return result, {"aux_logits": aux, "input": x, "output": result}
 
     def normalized_target(self, x: Tensor, labels: Tensor) -> Tensor:
@@ -194,13 +211,10 @@ class SemanticAwareNorm(nn.Module):
         outside the classes). Paper: region normalization inside onehot_c with class c's affine;
         release: IN of the masked map with the shared affine. Not detached (as the release).
         """
-        total = None
-        for index, c in enumerate(self.classes):
-            onehot = (labels == c).unsqueeze(1).to(x.dtype)                  # (N, 1, h, w)
-            region = None if self.release_behaviour else onehot
-            out = self._affine(region_normalize(x * onehot, region), index)
-            total = out if total is None else total + out
-        return F.relu(total)
+        classes = torch.tensor(self.classes, device=labels.device).view(1, -1, 1, 1)
+        onehot = (labels.unsqueeze(1) == classes).to(x.dtype)               # (N, K, h, w)
+        per_class = x.unsqueeze(1) * onehot.unsqueeze(2)                     # (N, K, C, h, w)
+        return self._normalize_and_sum(per_class, None if self.release_behaviour else onehot)
 
 
 class InstanceWhiteningNorm(nn.Module):
