@@ -38,7 +38,7 @@ def segmentation_ce(out: SegmenterOutput, labels: Tensor, options: CrossEntropyO
     """CE of logits upsampled to the label size. labels: (N, H, W) int64 -> {'ce', 'ce_aux'?}."""
     size = labels.shape[-2:]
     class_weights = None
-    if options.class_weighted:
+    if getattr(options, "class_weighted", False):  # other CE-like options (pseudo_ce) share this function
         class_weights = batch_class_weights(labels, out.logits.shape[1], ignore_index)
     terms = {"ce": options.weight * F.cross_entropy(
         upsample_logits(out.logits, size).float(), labels, weight=class_weights, ignore_index=ignore_index,
