@@ -3,7 +3,8 @@
 
 Reads only metrics.json (format in the trainer's docs): ``last`` and ``best`` hold
 ``{"iteration": int, "domains": {domain: {"miou": .., "iou": [..], "subsets": {..}}}}``;
-a domain-generalization run also has ``domains["mean"]`` over its unseen domains.
+a domain-generalization run also has ``domains["mean"]`` over its unseen domains, which
+``val_domains`` lists: the table then shows each of them and their mean.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class RunSummary:
 
     last / best: {domain: entry}, entry = {"miou": float, "iou": [float | None], ...}
     (``best`` is the evaluation with the highest primary-domain mIoU).
+    unseen: the evaluated domains of a run with several (domain generalization); else empty.
     """
 
     path: Path
@@ -40,6 +42,7 @@ class RunSummary:
     best_iteration: int | None
     last: dict[str, dict] = field(default_factory=dict)
     best: dict[str, dict] = field(default_factory=dict)
+    unseen: tuple[str, ...] = ()
 
     def miou(self, which: str, domain: str) -> float:
         """mIoU of ``domain`` in "last" or "best"; NaN when that domain was not evaluated."""
@@ -87,12 +90,16 @@ def _read_run(path: Path) -> RunSummary | None:
     for name, entry in (("last", last), ("best", best)):
         if entry is not None and not isinstance(entry.get("domains"), dict):
             raise ValueError(f"{path}: {name!r} must have a 'domains' object, got {entry!r}")
+    val_domains = data.get("val_domains") or []
+    if not isinstance(val_domains, list) or not all(isinstance(d, str) for d in val_domains):
+        raise ValueError(f"{path}: 'val_domains' must be a list of domain names, got {val_domains!r}")
     return RunSummary(
         path=path.parent, recipe=data["recipe"], source=data["source"], target=data["target"],
         seed=data.get("seed"), finished=bool(data.get("finished", False)), primary_domain=primary,
         class_names=tuple(data.get("class_names") or ()),
         last_iteration=last.get("iteration"), best_iteration=(best or {}).get("iteration"),
-        last=dict(last["domains"]), best=dict((best or {}).get("domains", {})))
+        last=dict(last["domains"]), best=dict((best or {}).get("domains", {})),
+        unseen=tuple(val_domains) if len(val_domains) > 1 else ())
 
 
 def _nan_low(value: float) -> float:
@@ -139,7 +146,8 @@ class Stat:
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    """One (source -> target, recipe) group. ``domain`` is the domain the target columns score."""
+    """One (source -> target, recipe) group. ``domain`` is the domain the target columns score;
+    ``unseen``: last mIoU of each unseen domain of domain-generalization runs, by name."""
 
     source: str
     target: str
@@ -151,10 +159,11 @@ class ComparisonRow:
     source_val: Stat
     dg_mean: Stat
     per_class: dict[str, float]
+    unseen: dict[str, Stat] = field(default_factory=dict)
 
     @property
     def pair(self) -> str:
-        return f"{self.source}->{self.target}"
+        return f"{self.source}->{self.target or 'unseen'}"
 
 
 def summarize(runs: Sequence[RunSummary], *, domain: str | None = None) -> list[ComparisonRow]:
@@ -177,7 +186,9 @@ def summarize(runs: Sequence[RunSummary], *, domain: str | None = None) -> list[
             best=Stat.of(run.miou("best", scored) for run in members),
             source_val=Stat.of(run.miou("last", source) for run in members),
             dg_mean=Stat.of(run.miou("last", DG_MEAN) for run in members),
-            per_class=per_class))
+            per_class=per_class,
+            unseen={name: Stat.of(run.miou("last", name) for run in members)
+                    for name in dict.fromkeys(d for run in members for d in run.unseen)}))
     rows.sort(key=lambda r: (r.source, r.target, -_nan_low(r.last.mean), r.recipe))
     return rows
 
@@ -198,9 +209,9 @@ def compare_table(runs: Sequence[RunSummary], *, per_class: bool = False, fmt: s
     """The comparison as text: an aligned plain table, GitHub markdown, or CSV.
 
     Columns: pair, recipe, seeds, last and best-on-val mIoU (mean ± std over seeds), the
-    source-val mIoU and the DG mean over unseen domains when any run has them, then the
-    per-class last IoU (mean over seeds) if ``per_class``. CSV gives means and stds as
-    separate numeric columns.
+    source-val mIoU and the DG mean over unseen domains when any run has them, the last mIoU
+    of each unseen domain (domain-generalization runs), then the per-class last IoU (mean over
+    seeds) if ``per_class``. CSV gives means and stds as separate numeric columns.
     """
     if fmt not in TABLE_FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; valid: {list(TABLE_FORMATS)}")
@@ -208,28 +219,33 @@ def compare_table(runs: Sequence[RunSummary], *, per_class: bool = False, fmt: s
     with_source = any(not math.isnan(r.source_val.mean) for r in rows)
     with_dg = any(not math.isnan(r.dg_mean.mean) for r in rows)
     class_names = list(dict.fromkeys(n for r in rows for n in r.per_class)) if per_class else []
+    unseen = list(dict.fromkeys(d for r in rows for d in r.unseen))
+    missing = Stat(math.nan, math.nan, 0)
     suffix = f" [{domain}]" if domain else ""
 
     if fmt == "csv":
         header = ["source", "target", "recipe", "domain", "seeds", "last_miou", "last_miou_std",
                   "best_miou", "best_miou_std"]
         header += ["source_miou", "source_miou_std"] * with_source + ["dg_mean", "dg_mean_std"] * with_dg
+        header += [f"{prefix}{d}{suffix}" for d in unseen for prefix, suffix in (("miou_", ""), ("miou_", "_std"))]
         header += [f"iou_{name}" for name in class_names]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(header)
         for r in rows:
             stats = [r.last, r.best] + [r.source_val] * with_source + [r.dg_mean] * with_dg
+            stats += [r.unseen.get(d, missing) for d in unseen]
             writer.writerow([r.source, r.target, r.recipe, r.domain, r.seeds]
                             + [_number(v) for s in stats for v in (s.mean, s.std)]
                             + [_number(r.per_class.get(n, math.nan)) for n in class_names])
         return buffer.getvalue()
 
     header = ["pair", "recipe", "seeds", f"last mIoU{suffix}", f"best mIoU{suffix}"]
-    header += ["source mIoU"] * with_source + ["DG mean"] * with_dg + class_names
+    header += ["source mIoU"] * with_source + ["DG mean"] * with_dg + unseen + class_names
     cells = []
     for r in rows:
         stats = [r.last, r.best] + [r.source_val] * with_source + [r.dg_mean] * with_dg
+        stats += [r.unseen.get(d, missing) for d in unseen]
         per_class_cells = [r.per_class.get(n, math.nan) for n in class_names]
         cells.append([r.pair, r.recipe, str(r.seeds)] + [_stat_text(s) for s in stats]
                      + ["-" if math.isnan(v) else f"{v:.1f}" for v in per_class_cells])

@@ -7,6 +7,7 @@ from da_seg.methods.adversarial import AdaptSegNet, AdvEnt
 from da_seg.methods.base import Component, ComponentSetup, parse_options
 from da_seg.methods.cbst import PseudoLabelCE
 from da_seg.methods.entropy import MinEnt
+from da_seg.methods.generalization import InstanceSelectiveWhitening, SanSaw
 from da_seg.methods.self_training import MeanTeacher
 from da_seg.methods.source import SourceCE, TargetBatchNorm, TargetCE
 
@@ -19,6 +20,8 @@ METHODS: dict[str, type[Component]] = {
     MinEnt.name: MinEnt,
     MeanTeacher.name: MeanTeacher,
     PseudoLabelCE.name: PseudoLabelCE,
+    SanSaw.name: SanSaw,
+    InstanceSelectiveWhitening.name: InstanceSelectiveWhitening,
 }
 
 

@@ -16,18 +16,36 @@ class CrossEntropyOptions:
     weight: float = 1.0
     aux_weight: float = 0.1       # multi-level DeepLab: 0.1 x CE on the layer3 head (AdaptSegNet)
     label_smoothing: float = 0.0
+    class_weighted: bool = False  # class weights 1 - batch frequency (SAN-SAW; see batch_class_weights)
+
+
+def batch_class_weights(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """SAN-SAW's CE class weights from the batch itself: w_c = 1 - (pixels of c) / (all pixels).
+
+    labels: (N, H, W) int64 -> (num_classes,) float32, no gradient. As the release, the
+    denominator counts every pixel, ignored ones included; F.cross_entropy then takes the
+    weighted mean sum_i w_{y_i} l_i / sum_i w_{y_i}, so only the ratios between classes matter:
+    frequent classes (road, sky) weigh less than rare ones.
+    """
+    # Ignored pixels go to an extra bin instead of being dropped: no boolean indexing, no host sync.
+    binned = torch.where(labels == ignore_index, torch.full_like(labels, num_classes), labels)
+    counts = torch.bincount(binned.flatten(), minlength=num_classes + 1)[:num_classes]
+    return 1.0 - counts.float() / labels.numel()
 
 
 def segmentation_ce(out: SegmenterOutput, labels: Tensor, options: CrossEntropyOptions,
                     ignore_index: int) -> dict[str, Tensor]:
     """CE of logits upsampled to the label size. labels: (N, H, W) int64 -> {'ce', 'ce_aux'?}."""
     size = labels.shape[-2:]
+    class_weights = None
+    if getattr(options, "class_weighted", False):  # other CE-like options (pseudo_ce) share this function
+        class_weights = batch_class_weights(labels, out.logits.shape[1], ignore_index)
     terms = {"ce": options.weight * F.cross_entropy(
-        upsample_logits(out.logits, size).float(), labels, ignore_index=ignore_index,
+        upsample_logits(out.logits, size).float(), labels, weight=class_weights, ignore_index=ignore_index,
         label_smoothing=options.label_smoothing)}
     if out.aux_logits is not None and options.aux_weight > 0:
         terms["ce_aux"] = options.weight * options.aux_weight * F.cross_entropy(
-            upsample_logits(out.aux_logits, size).float(), labels, ignore_index=ignore_index,
+            upsample_logits(out.aux_logits, size).float(), labels, weight=class_weights, ignore_index=ignore_index,
             label_smoothing=options.label_smoothing)
     return terms
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from da_seg.models.norm import build_dg_norm
 from da_seg.models.resnet import ResNet, freeze_batchnorm_affine, resnet_config
 from da_seg.models.segmenter import InputNorm, Segmenter, SegmenterOutput
 from da_seg.models.weights import load_resnet_weights, read_state_dict, resnet_layout, resolve_resnet_weights
@@ -55,10 +56,13 @@ class DeepLabV2(Segmenter):
 
     ``aux_logits`` (same size) come from an ASPP classifier on layer3 when ``multi_level``.
     ``features``: ``layer1``..``layer4`` and ``backbone`` (= layer4, 2048 channels).
+    ``dg_norm``: SAN or ISW blocks after chosen stages (``da_seg/models/norm.py``); their outputs
+    for the losses join ``features`` as ``dg/<stage>/<name>``.
     """
 
     def __init__(self, num_classes: int, depth: int = 101, *, aspp: str = "full", multi_level: bool = True,
-                 freeze_bn: bool = True, caffe_style: bool = True, input_norm: str = "imagenet"):
+                 freeze_bn: bool = True, caffe_style: bool = True, input_norm: str = "imagenet",
+                 dg_norm: dict | None = None):
         super().__init__()
         if aspp not in ASPP_DILATIONS:
             raise ValueError(f"aspp must be one of {sorted(ASPP_DILATIONS)}, got {aspp!r}")
@@ -69,11 +73,12 @@ class DeepLabV2(Segmenter):
         dilations = ASPP_DILATIONS[aspp]
         self.classifier = ASPPClassifier(ResNet.channels[3], num_classes, dilations)
         self.aux_classifier = ASPPClassifier(ResNet.channels[2], num_classes, dilations) if multi_level else None
+        self.dg_norm = build_dg_norm(dg_norm, num_classes, ResNet.stage_channels)
         if freeze_bn:
             freeze_batchnorm_affine(self.backbone)
 
     def forward_normalized(self, x: Tensor) -> SegmenterOutput:
-        features = self.backbone(x)
+        features = self.backbone(x, self.dg_norm)
         logits = self.classifier(features["layer4"])  # (N, C, H/8, W/8)
         aux = self.aux_classifier(features["layer3"]) if self.aux_classifier is not None else None
         return SegmenterOutput(logits=logits, aux_logits=aux, features={**features, "backbone": features["layer4"]})
@@ -127,11 +132,11 @@ class DeepLabV3Plus(Segmenter):
     """ResNet (OS 16 or 8) + ASPP + layer1 decoder; ``logits`` (N, C, ceil(H/4), ceil(W/4)).
 
     ``features``: ``layer1``..``layer4``, ``backbone`` (= layer4) and ``decoder`` (the 256-channel
-    map the classifier reads).
+    map the classifier reads); ``dg_norm`` as in ``DeepLabV2`` (the decoder reads layer1 after it).
     """
 
     def __init__(self, num_classes: int, depth: int = 101, *, output_stride: int = 16, freeze_bn: bool = False,
-                 caffe_style: bool = False, input_norm: str = "imagenet"):
+                 caffe_style: bool = False, input_norm: str = "imagenet", dg_norm: dict | None = None):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"DeepLabV3+ output_stride must be 8 or 16, got {output_stride}")
@@ -149,11 +154,12 @@ class DeepLabV3Plus(Segmenter):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.dg_norm = build_dg_norm(dg_norm, num_classes, ResNet.stage_channels)
         if freeze_bn:
             freeze_batchnorm_affine(self.backbone)
 
     def forward_normalized(self, x: Tensor) -> SegmenterOutput:
-        features = self.backbone(x)
+        features = self.backbone(x, self.dg_norm)
         decoded = self.decoder(self.aspp(features["layer4"]), features["layer1"])  # (N, 256, H/4, W/4)
         logits = self.classifier(decoded)
         return SegmenterOutput(logits=logits, features={**features, "backbone": features["layer4"],
@@ -189,10 +195,11 @@ def _input_norm_for(layout: str | None, input_norm: str | None, caffe_style: boo
 
 def build_deeplabv2(num_classes: int, depth: int, *, pretrained: str = "", aspp: str = "full",
                     multi_level: bool = True, freeze_bn: bool = True, caffe_style: bool = True,
-                    input_norm: str | None = None) -> DeepLabV2:
+                    input_norm: str | None = None, dg_norm: dict | None = None) -> DeepLabV2:
     path, state, layout = _read_resnet_weights(pretrained, depth)
     model = DeepLabV2(num_classes, depth, aspp=aspp, multi_level=multi_level, freeze_bn=freeze_bn,
-                      caffe_style=caffe_style, input_norm=_input_norm_for(layout, input_norm, caffe_style))
+                      caffe_style=caffe_style, input_norm=_input_norm_for(layout, input_norm, caffe_style),
+                      dg_norm=dg_norm)
     if state is not None:
         load_resnet_weights(model, state, Path(path))
     return model
@@ -200,10 +207,11 @@ def build_deeplabv2(num_classes: int, depth: int, *, pretrained: str = "", aspp:
 
 def build_deeplabv3plus(num_classes: int, depth: int, *, pretrained: str = "", output_stride: int = 16,
                         freeze_bn: bool = False, caffe_style: bool = False,
-                        input_norm: str | None = None) -> DeepLabV3Plus:
+                        input_norm: str | None = None, dg_norm: dict | None = None) -> DeepLabV3Plus:
     path, state, layout = _read_resnet_weights(pretrained, depth)
     model = DeepLabV3Plus(num_classes, depth, output_stride=output_stride, freeze_bn=freeze_bn,
-                          caffe_style=caffe_style, input_norm=_input_norm_for(layout, input_norm, caffe_style))
+                          caffe_style=caffe_style, input_norm=_input_norm_for(layout, input_norm, caffe_style),
+                          dg_norm=dg_norm)
     if state is not None:
         load_resnet_weights(model, state, Path(path))
     return model
@@ -211,29 +219,33 @@ def build_deeplabv3plus(num_classes: int, depth: int, *, pretrained: str = "", o
 
 def deeplabv2_r101(num_classes: int, pretrained: str = "", aspp: str = "full", multi_level: bool = True,
                    freeze_bn: bool = True, caffe_style: bool = True,
-                   input_norm: str | None = None) -> DeepLabV2:
+                   input_norm: str | None = None, dg_norm: dict | None = None) -> DeepLabV2:
     """DeepLabV2 ResNet-101, ASPP classifier, aux head on layer3 (AdaptSegNet/ADVENT), OS 8."""
     return build_deeplabv2(num_classes, 101, pretrained=pretrained, aspp=aspp, multi_level=multi_level,
-                           freeze_bn=freeze_bn, caffe_style=caffe_style, input_norm=input_norm)
+                           freeze_bn=freeze_bn, caffe_style=caffe_style, input_norm=input_norm, dg_norm=dg_norm)
 
 
 def deeplabv2_r50(num_classes: int, pretrained: str = "", aspp: str = "full", multi_level: bool = True,
                   freeze_bn: bool = True, caffe_style: bool = True,
-                  input_norm: str | None = None) -> DeepLabV2:
+                  input_norm: str | None = None, dg_norm: dict | None = None) -> DeepLabV2:
     """DeepLabV2 ResNet-50, ASPP classifier, aux head on layer3, OS 8."""
     return build_deeplabv2(num_classes, 50, pretrained=pretrained, aspp=aspp, multi_level=multi_level,
-                           freeze_bn=freeze_bn, caffe_style=caffe_style, input_norm=input_norm)
+                           freeze_bn=freeze_bn, caffe_style=caffe_style, input_norm=input_norm, dg_norm=dg_norm)
 
 
 def deeplabv3plus_r101(num_classes: int, pretrained: str = "", output_stride: int = 16, freeze_bn: bool = False,
-                       caffe_style: bool = False, input_norm: str | None = None) -> DeepLabV3Plus:
+                       caffe_style: bool = False, input_norm: str | None = None,
+                       dg_norm: dict | None = None) -> DeepLabV3Plus:
     """DeepLabV3+ ResNet-101, ASPP with image pooling + layer1 decoder, logits at 1/4."""
     return build_deeplabv3plus(num_classes, 101, pretrained=pretrained, output_stride=output_stride,
-                               freeze_bn=freeze_bn, caffe_style=caffe_style, input_norm=input_norm)
+                               freeze_bn=freeze_bn, caffe_style=caffe_style, input_norm=input_norm,
+                               dg_norm=dg_norm)
 
 
 def deeplabv3plus_r50(num_classes: int, pretrained: str = "", output_stride: int = 16, freeze_bn: bool = False,
-                      caffe_style: bool = False, input_norm: str | None = None) -> DeepLabV3Plus:
+                      caffe_style: bool = False, input_norm: str | None = None,
+                      dg_norm: dict | None = None) -> DeepLabV3Plus:
     """DeepLabV3+ ResNet-50, ASPP with image pooling + layer1 decoder, logits at 1/4."""
     return build_deeplabv3plus(num_classes, 50, pretrained=pretrained, output_stride=output_stride,
-                               freeze_bn=freeze_bn, caffe_style=caffe_style, input_norm=input_norm)
+                               freeze_bn=freeze_bn, caffe_style=caffe_style, input_norm=input_norm,
+                               dg_norm=dg_norm)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from da_seg.models.norm import after_stage
+
 LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -85,9 +87,11 @@ class ResNet(nn.Module):
 
     (N, 3, H, W) -> {"layer1": (N, 256, H/4, W/4), "layer2": (N, 512, H/8, W/8),
     "layer3": (N, 1024, H/s3, W/s3), "layer4": (N, 2048, H/os, W/os)} (sizes rounded up).
+    ``forward(x, hook)`` runs ``hook(stage, x)`` after the stem and each stage (``norm.after_stage``).
     """
 
     channels = (256, 512, 1024, 2048)
+    stage_channels = {"stem": 64, **dict(zip(LAYER_NAMES, channels))}
 
     def __init__(self, config: ResNetConfig):
         super().__init__()
@@ -115,11 +119,12 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, hook=None) -> dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (N, 64, H/4, W/4)
-        features = {}
+        features: dict[str, Tensor] = {}
+        x = after_stage(hook, "stem", x, features)
         for name in LAYER_NAMES:
-            x = getattr(self, name)(x)
+            x = after_stage(hook, name, getattr(self, name)(x), features)
             features[name] = x
         return features
 

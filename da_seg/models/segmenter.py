@@ -74,6 +74,8 @@ class Segmenter(nn.Module):
       input_norm:     an ``InputNorm``; ``forward`` applies it.
       backbone:       the encoder module (LR multiplier 1).
       heads:          modules trained from scratch (LR multiplier ``head_lr_mult``).
+    Optional: ``dg_norm``, normalization blocks the encoder runs between its stages
+    (``models/norm.py``); they train with the encoder, at LR multiplier 1, as in SAN-SAW.
     """
 
     num_classes: int
@@ -87,12 +89,16 @@ class Segmenter(nn.Module):
     def forward_normalized(self, x: Tensor) -> SegmenterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _encoder_modules(self) -> list[nn.Module]:
+        dg_norm = getattr(self, "dg_norm", None)
+        return [self.backbone] + ([dg_norm] if dg_norm is not None else [])
+
     def backbone_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.backbone.parameters() if p.requires_grad]
+        return [p for m in self._encoder_modules() for p in m.parameters() if p.requires_grad]
 
     def head_parameters(self) -> list[nn.Parameter]:
-        backbone_ids = {id(p) for p in self.backbone.parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        encoder_ids = {id(p) for m in self._encoder_modules() for p in m.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
         """Two optimizer groups: pretrained encoder at ``lr``, heads at ``lr * head_lr_mult``.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from da_seg.models.norm import after_stage, build_dg_norm
 from da_seg.models.segmenter import InputNorm, Segmenter, SegmenterOutput
 
 
@@ -36,6 +37,7 @@ class SmallResNet(nn.Module):
 
     (N, 3, H, W) -> layer1 (N, w, H/4, W/4) (stem conv stride 2 + max-pool),
     layer2 / layer3 / layer4 (N, 2w / 4w / 8w, H/8, W/8).
+    ``forward(x, hook)`` runs ``hook(stage, x)`` after the stem and each stage (``norm.after_stage``).
     """
 
     def __init__(self, width: int = 16, blocks: tuple[int, int, int, int] = (1, 1, 1, 1)):
@@ -55,12 +57,13 @@ class SmallResNet(nn.Module):
             in_ch = out_ch
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.channels = channels
+        self.stage_channels = {"stem": width, **dict(zip(("layer1", "layer2", "layer3", "layer4"), channels))}
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.stem(x)
-        feats = {}
+    def forward(self, x: Tensor, hook=None) -> dict[str, Tensor]:
+        feats: dict[str, Tensor] = {}
+        x = after_stage(hook, "stem", self.stem(x), feats)
         for name in ("layer1", "layer2", "layer3", "layer4"):
-            x = getattr(self, name)(x)
+            x = after_stage(hook, name, getattr(self, name)(x), feats)
             feats[name] = x
         return feats
 
@@ -82,10 +85,13 @@ class LightASPP(nn.Module):
 
 
 class DeepLabSmall(Segmenter):
-    """Small DeepLab: ``logits`` (N, C, H/8, W/8); ``aux_logits`` from layer3 when ``multi_level``."""
+    """Small DeepLab: ``logits`` (N, C, H/8, W/8); ``aux_logits`` from layer3 when ``multi_level``.
+
+    ``dg_norm``: SAN or ISW blocks after chosen stages (``da_seg/models/norm.py``).
+    """
 
     def __init__(self, num_classes: int, width: int = 16, blocks=(1, 1, 1, 1), multi_level: bool = False,
-                 aspp_channels: int = 64):
+                 aspp_channels: int = 64, dg_norm: dict | None = None):
         super().__init__()
         self.num_classes = num_classes
         self.output_stride = 8
@@ -94,19 +100,21 @@ class DeepLabSmall(Segmenter):
         c = self.backbone.channels
         self.head = LightASPP(c[3], num_classes, mid=aspp_channels)
         self.aux_head = LightASPP(c[2], num_classes, mid=aspp_channels // 2) if multi_level else None
+        self.dg_norm = build_dg_norm(dg_norm, num_classes, self.backbone.stage_channels)
 
     def forward_normalized(self, x: Tensor) -> SegmenterOutput:
-        feats = self.backbone(x)
+        feats = self.backbone(x, self.dg_norm)
         logits = self.head(feats["layer4"])
         aux = self.aux_head(feats["layer3"]) if self.aux_head is not None else None
         return SegmenterOutput(logits=logits, aux_logits=aux, features={**feats, "backbone": feats["layer4"]})
 
 
 def build_deeplab_small(num_classes: int, width: int = 16, blocks: tuple[int, ...] = (1, 1, 1, 1),
-                        multi_level: bool = False, aspp_channels: int = 64, pretrained: str = "") -> DeepLabSmall:
+                        multi_level: bool = False, aspp_channels: int = 64, pretrained: str = "",
+                        dg_norm: dict | None = None) -> DeepLabSmall:
     """Small DeepLab (BasicBlock ResNet, OS 8, light ASPP) for CPU demos and tests; random init only."""
     if pretrained:
         raise ValueError("deeplab_small has no pretrained weights; set model.pretrained = \"\"")
     if len(blocks) != 4:
         raise ValueError(f"deeplab_small: blocks must have 4 entries (one per stage), got {list(blocks)}")
-    return DeepLabSmall(num_classes, width, tuple(blocks), multi_level, aspp_channels)
+    return DeepLabSmall(num_classes, width, tuple(blocks), multi_level, aspp_channels, dg_norm)
