@@ -141,3 +141,17 @@ def test_unknown_method_and_model_list_valid_names(write_recipe):
         Trainer(load_recipe(write_recipe(), ["model.name=deeplab_tiny"]), None, progress=False)
     with pytest.raises(Exception, match=r"components.source_ce.wieght.*did you mean 'components.source_ce.weight'"):
         Trainer(load_recipe(write_recipe("[components.source_ce]\nwieght = 2\n")), None, progress=False)
+
+
+def test_loader_workers_stop_when_the_run_ends(write_recipe):
+    import multiprocessing
+
+    recipe = load_recipe(write_recipe("[components.source_ce]\n[components.minent]\n", iters=2),
+                         ("data.num_workers=1",))
+    before = set(multiprocessing.active_children())
+    trainer = Trainer(recipe, None, progress=False)
+    trainer.step()
+    assert len(set(multiprocessing.active_children()) - before) == 2     # source and target workers
+    trainer.fit()
+    # A sweep trains run after run in one process: no run may leave its loader workers behind.
+    assert set(multiprocessing.active_children()) - before == set()

@@ -540,10 +540,21 @@ class Trainer:
             raise
         finally:
             self.logger.close()
+            self.close_loaders()
         if self.is_main and self.run_dir is not None:
             self._write_hparams()
         self.status = "finished"
         return self.write_metrics()
+
+    def close_loaders(self) -> None:
+        """Stop the training loaders' worker processes. Persistent workers otherwise outlive the
+        run: a sweep, which trains many runs in one process, would keep every run's workers."""
+        for name in ("_source_iter", "_target_iter"):
+            iterator = getattr(self, name)
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            setattr(self, name, None)
 
     def _write_failure_status(self) -> None:
         if self.is_main and self.run_dir is not None and (self.run_dir / "metrics.json").exists():
