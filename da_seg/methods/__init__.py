@@ -9,6 +9,7 @@ from da_seg.methods.cbst import PseudoLabelCE
 from da_seg.methods.entropy import MinEnt
 from da_seg.methods.self_training import MeanTeacher
 from da_seg.methods.source import SourceCE, TargetBatchNorm, TargetCE
+from da_seg.methods.style import FDA, CycleGAN
 
 METHODS: dict[str, type[Component]] = {
     SourceCE.name: SourceCE,
@@ -19,6 +20,8 @@ METHODS: dict[str, type[Component]] = {
     MinEnt.name: MinEnt,
     MeanTeacher.name: MeanTeacher,
     PseudoLabelCE.name: PseudoLabelCE,
+    FDA.name: FDA,
+    CycleGAN.name: CycleGAN,
 }
 
 
