@@ -530,7 +530,8 @@ class Trainer:
                 is_ckpt = is_eval or it % train.checkpoint_every == 0
                 if it % train.log_every == 0 or is_ckpt:
                     logs = self.flush_logs()
-                    bar.update(it, {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith("loss/")})
+                    shown = "loss/" if self.trains_segmenter else "side/"  # the translator's own terms
+                    bar.update(it, {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith(shown)})
                 if is_eval:
                     record = self.evaluate()
                     self.evaluations.append(record)
