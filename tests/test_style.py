@@ -175,6 +175,26 @@ def test_cycle_loss_decreases_and_segmenter_is_never_stepped(write_recipe):
     assert trainer.components[0].optimizers["generators"].param_groups[0]["lr"] == 0.0  # decayed to 0 at the end
 
 
+def test_resume_restores_translator_optimizers_schedules_and_image_pools(write_recipe, tmp_path):
+    recipe = load_recipe(write_recipe(TINY_CYCLEGAN, iters=6))
+    trainer = Trainer(recipe, tmp_path / "run", progress=False)
+    for _ in range(3):
+        trainer.step()
+    trainer.flush_logs()
+    trainer.save()
+    saved = trainer.components[0]
+    resumed = Trainer(recipe, tmp_path / "run", resume=True, progress=False).components[0]
+    assert resumed.optimizers["generators"].state_dict()["state"].keys() == \
+        saved.optimizers["generators"].state_dict()["state"].keys() != set()
+    assert resumed.schedulers["discriminators"].last_epoch == 3
+    for name in ("g_st", "d_t"):
+        for a, b in zip(resumed.networks[name].parameters(), saved.networks[name].parameters()):
+            assert torch.equal(a, b)
+    for key in ("s", "t"):
+        assert len(resumed.pools[key].images) == len(saved.pools[key].images) == 4  # 3 steps x 2, pool of 4
+        assert all(torch.equal(a, b) for a, b in zip(resumed.pools[key].images, saved.pools[key].images))
+
+
 def test_translate_stage_writes_a_domain_that_recipes_train_on_by_name(write_recipe, tiny_domains, tmp_path,
                                                                      monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
