@@ -16,8 +16,8 @@ new labelled domain that recipes train on by name.
    (relative to the new root when both lie under ``$DA_SEG_DATA``), never copied; classes and the
    ``[label]`` decoding are copied from the source descriptor.
 
-Output folder: ``components.cyclegan.output_dir`` (absolute or under ``$DA_SEG_DATA``), else
-``--out``, else beside the source root: ``<source root>/../<output_domain>`` (for the synthetic
+Output folder: ``--out``, else ``components.cyclegan.output_dir`` (absolute or under
+``$DA_SEG_DATA``), else beside the source root: ``<source root>/../<output_domain>`` (for the synthetic
 domains that keeps the translated images under the generator's stamp, which ``da-seg synth``
 removes with the data they were made from).
 """
