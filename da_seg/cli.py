@@ -100,6 +100,7 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
 
     dev = pick_device(device)
     dom = load_domain(domain)
+    adabn_dom = load_domain(adabn_domain) if adabn_domain else None
     models, iterations = [], []
     for checkpoint in checkpoints:
         state = load_checkpoint(Path(checkpoint))
@@ -107,8 +108,7 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
         if dom.num_classes != model.num_classes:
             raise click.ClickException(f"{checkpoint} predicts {model.num_classes} classes but domain {dom.name!r} "
                                        f"has {dom.num_classes}")
-        if adabn_domain:
-            adabn_dom = load_domain(adabn_domain)
+        if adabn_dom is not None:
             loader = infinite_loader(SegmentationDataset(adabn_dom, "train", with_labels=False), 4, seed=0)
             model = recompute_batchnorm(model, (to_float_images(next(loader)["image"]).to(dev) for _ in range(50)), 50)
         models.append(model)
