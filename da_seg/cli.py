@@ -1,4 +1,4 @@
-"""The `da-seg` command: train, sweep, eval, compare, synth, prepare, list."""
+"""The `da-seg` command: train, sweep, eval, compare, synth, prepare, list, self-train, translate."""
 from __future__ import annotations
 
 import json
@@ -72,7 +72,7 @@ def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
 
 
 @main.command("eval")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--domain", required=True, help="Domain name or descriptor path.")
 @click.option("--split", default="val", show_default=True)
 @click.option("--mode", type=click.Choice(["whole", "slide"]), default="whole", show_default=True)
@@ -84,28 +84,36 @@ def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--per-class", is_flag=True)
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
-def eval_cmd(checkpoint, domain, split, mode, input_size, crop, stride, flip, adabn_domain, device, per_class, json_out):
-    """Evaluate a checkpoint (last.pt / best.pt) on a domain's labelled split."""
+def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, adabn_domain, device, per_class, json_out):
+    """Evaluate a checkpoint (last.pt / best.pt) on a domain's labelled split.
+
+    Several checkpoints are evaluated as one ensemble: their softmaxes at label resolution are
+    averaged (FDA's multi-band ensemble of the beta = 0.01, 0.05, 0.09 models)."""
     from da_seg.data.augment import to_float_images
     from da_seg.data.datasets import SegmentationDataset
     from da_seg.data.domains import load_domain
     from da_seg.data.loaders import eval_loader, infinite_loader
     from da_seg.engine.checkpoint import load_checkpoint
-    from da_seg.engine.evaluate import evaluate, recompute_batchnorm
+    from da_seg.engine.evaluate import SoftmaxEnsemble, evaluate, recompute_batchnorm
     from da_seg.engine.logging import Progress
     from da_seg.engine.trainer import pick_device, restore_model
 
     dev = pick_device(device)
-    state = load_checkpoint(Path(checkpoint))
-    model = restore_model(state, dev)
     dom = load_domain(domain)
-    if dom.num_classes != model.num_classes:
-        raise click.ClickException(f"{checkpoint} predicts {model.num_classes} classes but domain {dom.name!r} "
-                                   f"has {dom.num_classes}")
-    if adabn_domain:
-        adabn_dom = load_domain(adabn_domain)
-        loader = infinite_loader(SegmentationDataset(adabn_dom, "train", with_labels=False), 4, seed=0)
-        model = recompute_batchnorm(model, (to_float_images(next(loader)["image"]).to(dev) for _ in range(50)), 50)
+    adabn_dom = load_domain(adabn_domain) if adabn_domain else None
+    models, iterations = [], []
+    for checkpoint in checkpoints:
+        state = load_checkpoint(Path(checkpoint))
+        model = restore_model(state, dev)
+        if dom.num_classes != model.num_classes:
+            raise click.ClickException(f"{checkpoint} predicts {model.num_classes} classes but domain {dom.name!r} "
+                                       f"has {dom.num_classes}")
+        if adabn_dom is not None:
+            loader = infinite_loader(SegmentationDataset(adabn_dom, "train", with_labels=False), 4, seed=0)
+            model = recompute_batchnorm(model, (to_float_images(next(loader)["image"]).to(dev) for _ in range(50)), 50)
+        models.append(model)
+        iterations.append(state["iteration"])
+    model = models[0] if len(models) == 1 else SoftmaxEnsemble(models)
     dataset = SegmentationDataset(dom, split, with_labels=True)
     loader = eval_loader(dataset, 1)
     bar = Progress(len(loader), f"eval {dom.name}")
@@ -114,14 +122,16 @@ def eval_cmd(checkpoint, domain, split, mode, input_size, crop, stride, flip, ad
                       progress=lambda done, total: bar.update(done))
     bar.close()
     m = result.metrics
-    click.echo(f"{dom.name} {split}: mIoU {m.miou:.2f}  pixel acc {m.pixel_accuracy:.2f}  (iteration {state['iteration']})")
+    at = f"iteration {iterations[0]}" if len(iterations) == 1 else f"ensemble of {len(iterations)}, iterations {iterations}"
+    click.echo(f"{dom.name} {split}: mIoU {m.miou:.2f}  pixel acc {m.pixel_accuracy:.2f}  ({at})")
     for name, value in m.subsets.items():
         click.echo(f"  mIoU over subset {name}: {value:.2f}")
     if per_class:
         for name, iou in zip(dom.class_names, m.iou):
             click.echo(f"  {name:>16s} {iou:6.2f}")
     if json_out:
-        Path(json_out).write_text(json.dumps({"domain": dom.name, "split": split, **m.to_json()}, indent=1))
+        Path(json_out).write_text(json.dumps({"domain": dom.name, "split": split, "checkpoints": list(checkpoints),
+                                              **m.to_json()}, indent=1))
 
 
 @main.command()
@@ -194,6 +204,10 @@ def list_cmd(kind):
 from da_seg.selftrain import self_train as _self_train_command  # noqa: E402
 
 main.add_command(_self_train_command)
+
+from da_seg.translate import translate_command as _translate_command  # noqa: E402
+
+main.add_command(_translate_command)
 
 from da_seg.data.prepare import prepare as _prepare_group  # noqa: E402
 

@@ -43,8 +43,26 @@ def sliding_windows(size: tuple[int, int], crop: tuple[int, int],
     return [(y, x, y + crop_h, x + crop_w) for y in tops for x in lefts]
 
 
+class SoftmaxEnsemble(nn.Module):
+    """Several segmenters scored as one: ``predict`` averages their softmaxes, each computed from
+    its own logits upsampled to the output size (FDA's multi-band ensemble). Members keep their
+    own input normalization. Use it with ``predict`` / ``evaluate``, not as a ``Segmenter``."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(members)
+        classes = {getattr(m, "num_classes", None) for m in members}
+        if len(classes) != 1:
+            raise ValueError(f"ensemble members predict different numbers of classes: {sorted(map(str, classes))}")
+        self.num_classes = classes.pop()
+
+
 def _softmax_at(model: nn.Module, images: Tensor, size: tuple[int, int], amp_dtype) -> Tensor:
     """(N, 3, h, w) in [0, 1] -> (N, C, *size) float32 probabilities."""
+    if isinstance(model, SoftmaxEnsemble):
+        return torch.stack([_softmax_at(m, images, size, amp_dtype) for m in model.members]).mean(0)
     autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else nullcontext())
     with autocast:

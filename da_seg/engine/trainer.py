@@ -2,8 +2,13 @@
 
 One step reads top to bottom:
   batches -> GPU augmentation -> StepContext (one cached forward per domain)
+  -> component batch transforms before any forward (FDA)
   -> named losses from every component -> one backward -> optimizer + LR schedule step
   -> side losses (discriminators) -> after_step updates (EMA teachers) -> accumulated logs.
+A recipe whose components all train only their own networks (``trains_segmenter = False``:
+the CycleGAN stage of ``da-seg translate``) runs the same loop, checkpoints, resume, AMP, DDP and
+TensorBoard, but never steps the segmenter and evaluates nothing (the component's visuals are
+still logged at each evaluation iteration).
 Losses are accumulated on the device and read back once per ``log_every`` steps (no
 host-device sync per step); that read is also where a NaN/inf is caught, before any
 checkpoint can be written from a poisoned model.
@@ -154,6 +159,9 @@ class Trainer:
         self.uses_source = any(c.uses_source for c in self.components)
         self.uses_target = any(c.uses_target for c in self.components)
         self.target_labels = any(c.uses_target_labels for c in self.components)
+        self.trains_segmenter = any(c.trains_segmenter for c in self.components)
+        if not self.trains_segmenter:  # nothing to score: the segmenter stays as initialized
+            self.val_domains = []
         if self.uses_target and self.target_domain is None:
             raise ValueError(f"recipe {recipe.name!r}: a component needs target images but data.target is empty")
         for component in self.components:
@@ -256,18 +264,21 @@ class Trainer:
         source, target = self._next_batches()
         ctx = StepContext(model=self.net, iteration=self.iteration, max_iters=self.recipe.schedule.iters,
                           source=source, target=target, autocast=self.autocast)
+        for component in self.components:
+            component.prepare_batches(ctx)
         self.model.train()
         with self.autocast():
             losses = {f"{c.name}/{k}": v for c in self.components for k, v in c.losses(ctx).items()}
         total = sum(losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.recipe.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        if self.trains_segmenter:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            if self.recipe.optim.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
 
         with self.autocast():
             side = {f"{c.name}/{k}": v for c in self.components for k, v in c.side_losses(ctx).items()}
@@ -343,12 +354,12 @@ class Trainer:
         """Evaluate every val domain (and the source val split at the end); log; return the record."""
         recipe, ev = self.recipe, self.recipe.eval
         model: nn.Module = self.model
-        if ev.adabn:
+        if ev.adabn and self.trains_segmenter:
             model = recompute_batchnorm(self.model, self._adabn_batches(), ev.adabn_batches)
         record: dict[str, Any] = {"iteration": self.iteration, "domains": {}}
         domains = list(self.val_domains)
         final = self.iteration >= recipe.schedule.iters
-        if final and self.source_domain.name not in {d.name for d in domains} \
+        if final and self.trains_segmenter and self.source_domain.name not in {d.name for d in domains} \
                 and recipe.data.val_split in self.source_domain.splits:
             domains.append(self.source_domain)
         scalars: dict[str, float] = {}
@@ -385,7 +396,8 @@ class Trainer:
             values = [record["domains"][n]["miou"] for n in unseen if record["domains"][n]["miou"] is not None]
             record["domains"]["mean"] = {"miou": float(np.mean(values)) if values else None}
             scalars["eval/mean/mIoU"] = record["domains"]["mean"]["miou"] or float("nan")
-        scalars["eval/mIoU"] = self._primary_miou(record) or float("nan")
+        if self.trains_segmenter:
+            scalars["eval/mIoU"] = self._primary_miou(record) or float("nan")
         self.logger.scalars(scalars, self.iteration)
         self.logger.flush()
         return record
@@ -518,7 +530,8 @@ class Trainer:
                 is_ckpt = is_eval or it % train.checkpoint_every == 0
                 if it % train.log_every == 0 or is_ckpt:
                     logs = self.flush_logs()
-                    bar.update(it, {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith("loss/")})
+                    shown = "loss/" if self.trains_segmenter else "side/"  # the translator's own terms
+                    bar.update(it, {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith(shown)})
                 if is_eval:
                     record = self.evaluate()
                     self.evaluations.append(record)
@@ -529,7 +542,7 @@ class Trainer:
                     self.status = "finished" if it == iters else "running"
                     self.save(best=improved)
                     self.write_metrics()
-                    if self.show_progress:
+                    if self.show_progress and miou is not None:
                         bar.stream.write(("\n" if bar.tty else "") + f"iteration {it}: mIoU {miou:.2f}\n")
                 elif is_ckpt:
                     self.save()

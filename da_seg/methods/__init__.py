@@ -10,6 +10,7 @@ from da_seg.methods.entropy import MinEnt
 from da_seg.methods.generalization import InstanceSelectiveWhitening, SanSaw
 from da_seg.methods.self_training import MeanTeacher
 from da_seg.methods.source import SourceCE, TargetBatchNorm, TargetCE
+from da_seg.methods.style import FDA, CycleGAN
 
 METHODS: dict[str, type[Component]] = {
     SourceCE.name: SourceCE,
@@ -22,6 +23,8 @@ METHODS: dict[str, type[Component]] = {
     PseudoLabelCE.name: PseudoLabelCE,
     SanSaw.name: SanSaw,
     InstanceSelectiveWhitening.name: InstanceSelectiveWhitening,
+    FDA.name: FDA,
+    CycleGAN.name: CycleGAN,
 }
 
 

@@ -1,12 +1,17 @@
 """What a method is: a component of the one training loop.
 
 A component never owns a loop and never calls ``backward()`` or ``optimizer.step()``:
+- ``prepare_batches(ctx)``: optional; changes the step's batches in place before any forward
+  (FDA's spectrum swap); components run it in recipe order;
 - ``losses(ctx)``: weighted terms that train the segmenter, by name;
 - ``side_losses(ctx)``: terms that train the component's *own* networks (a discriminator),
   computed after the segmenter step on detached outputs; the trainer backpropagates them and
   steps the component's optimizers;
 - ``after_step(ctx)``: gradient-free updates (EMA teacher, bookkeeping); returns scalars to log;
 - ``visuals(ctx)``: images to log at evaluation time, from the latest step.
+A component that trains only its own networks (the CycleGAN translator) sets
+``trains_segmenter = False``; with no component training it, the trainer neither steps nor
+evaluates the segmenter.
 Networks, optimizers and schedulers a component owns go in ``self.networks``,
 ``self.optimizers`` and ``self.schedulers``: the trainer moves, wraps, checkpoints and resumes
 them, so AMP, DDP, checkpointing and LR logging stay generic.
@@ -92,6 +97,7 @@ class Component:
     uses_source: ClassVar[bool] = False
     uses_target: ClassVar[bool] = False
     uses_target_labels: ClassVar[bool] = False
+    trains_segmenter: ClassVar[bool] = True
 
     def __init__(self, options: Any, setup: ComponentSetup):
         self.options = options
@@ -99,6 +105,9 @@ class Component:
         self.networks: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
+
+    def prepare_batches(self, ctx: StepContext) -> None:
+        """Change ``ctx.source`` / ``ctx.target`` images in place before any forward (no grad)."""
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         return {}

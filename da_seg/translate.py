@@ -1,0 +1,316 @@
+"""``da-seg translate RECIPE``: train a CycleGAN translator, then write the translated source as a
+new labelled domain that recipes train on by name.
+
+1. Training: the recipe's ``[components.cyclegan]`` runs through the one loop (``da_seg.runs.train``:
+   checkpoints, ``--resume``, AMP, torchrun, TensorBoard with the translation panels). A finished
+   run of the same recipe and seed is reused, an interrupted one resumed.
+2. Writing: every image of the source's splits (``splits`` option; default all: train and val) goes
+   through G_st at its full resolution (one fully-convolutional pass, or overlapping blended tiles
+   for frames larger than ``tile``) and is saved as PNG under the output folder, same relative
+   names as in the source. Images already written are skipped, so an interrupted write continues
+   where it stopped; ``translation.json`` there records which checkpoint wrote them, and a
+   different checkpoint refuses to mix its images in (``--overwrite`` starts the folder afresh).
+3. The descriptor ``<output_domain>.toml`` goes to the first ``$DA_SEG_DATASETS`` directory, else
+   ``./datasets`` (where domain names are looked up, as ``da-seg prepare convert-labels``). Its
+   images are the translated ones; its labels are the *source's label files*, referenced by path
+   (relative to the new root when both lie under ``$DA_SEG_DATA``), never copied; classes and the
+   ``[label]`` decoding are copied from the source descriptor.
+
+Output folder: ``--out``, else ``components.cyclegan.output_dir`` (absolute or under
+``$DA_SEG_DATA``), else beside the source root: ``<source root>/../<output_domain>`` (for the synthetic
+domains that keeps the translated images under the generator's stamp, which ``da-seg synth``
+removes with the data they were made from).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import tomllib
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import numpy as np
+import torch
+from PIL import Image
+
+from da_seg.config import ConfigError, Recipe, load_recipe
+from da_seg.data.domains import Domain, load_domain, resolve_root
+from da_seg.engine import distributed as du
+from da_seg.methods.base import parse_options
+from da_seg.methods.style import CycleGAN, CycleGANOptions
+from da_seg.models.cyclegan import ResnetGenerator, translate
+
+MARKER = "translation.json"
+
+
+class TranslationExistsError(ValueError):
+    """The output folder holds images another checkpoint (or something else) wrote."""
+
+
+def translation_options(recipe: Recipe) -> CycleGANOptions:
+    if CycleGAN.name not in recipe.components:
+        raise ConfigError(f"recipe {recipe.name!r}: `da-seg translate` needs [components.{CycleGAN.name}]")
+    return parse_options(CycleGAN, dict(recipe.components[CycleGAN.name] or {}), recipe.name)
+
+
+def output_location(recipe: Recipe, source: Domain, out: str | Path | None = None) -> tuple[str, Path]:
+    """(name of the translated domain, its folder)."""
+    options = translation_options(recipe)
+    name = options.output_domain or f"{source.name}_{CycleGAN.name}"
+    if out is not None:
+        folder = Path(out).expanduser().absolute()
+    elif options.output_dir:
+        folder = resolve_root(options.output_dir)
+    else:
+        folder = source.root.parent / name
+    return name, folder
+
+
+def default_descriptor_dir() -> Path:
+    env = [p for p in os.environ.get("DA_SEG_DATASETS", "").split(os.pathsep) if p]
+    return Path(env[0]).expanduser() if env else Path.cwd() / "datasets"
+
+
+def load_generator(checkpoint: Path, options: CycleGANOptions, device: torch.device) -> ResnetGenerator:
+    """G_st of a translate run's checkpoint, in eval mode."""
+    from da_seg.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    saved = state.get("components", {}).get(CycleGAN.name)
+    if saved is None:
+        raise ValueError(f"{checkpoint} has no {CycleGAN.name} component (components: "
+                         f"{', '.join(state.get('components', {})) or 'none'})")
+    generator = ResnetGenerator(options.ngf, options.n_blocks)
+    generator.load_state_dict(saved["networks"]["g_st"])
+    return generator.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The descriptor
+
+def _data_relative(path: Path) -> str | None:
+    """``path`` relative to $DA_SEG_DATA (default ./data), or None when it is not below it."""
+    base = Path(os.environ.get("DA_SEG_DATA", "data")).expanduser().absolute()
+    try:
+        return str(path.absolute().relative_to(base))
+    except ValueError:
+        return None
+
+
+def translated_descriptor(name: str, source: Domain, splits: Sequence[str], folder: Path,
+                          description: str) -> dict[str, Any]:
+    """A descriptor (as a dict) for the translated images in ``folder/<split>/images`` with the
+    source's classes, label decoding and label files."""
+    raw = tomllib.loads(source.descriptor.read_text())
+    root_entry = _data_relative(folder)
+    tables: dict[str, Any] = {}
+    for split in splits:
+        spec = source.split_spec(split)
+        table: dict[str, Any] = {"images": f"{split}/images", "image_suffix": ".png"}
+        if spec.labels is not None:
+            labels_dir = source.root / spec.labels
+            # Relative when both trees live under $DA_SEG_DATA, so moving that folder keeps it valid.
+            both_under_data = root_entry is not None and _data_relative(labels_dir) is not None
+            table["labels"] = os.path.relpath(labels_dir, folder) if both_under_data else str(labels_dir.absolute())
+            table["label_suffix"] = spec.label_suffix
+            if spec.missing_label != "error":
+                table["missing_label"] = spec.missing_label
+        tables[split] = table
+    descriptor: dict[str, Any] = {
+        "name": name, "description": description,
+        "root": root_entry if root_entry is not None else str(folder.absolute()),
+        "layout": f"{{{','.join(splits)}}}/images/<source sample name>.png, translated from {source.name}; "
+                  f"labels: the source's ({source.layout or source.root})",
+        "classes": raw["classes"],
+    }
+    if "label" in raw:
+        descriptor["label"] = raw["label"]
+    descriptor["splits"] = tables
+    return descriptor
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the translated images
+
+class _SourceImages(torch.utils.data.Dataset):
+    """uint8 (3, H, W) images of a list of samples (decoded in loader workers)."""
+
+    def __init__(self, domain: Domain, samples):
+        self.domain, self.samples = domain, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.domain.read_image(self.samples[index].image)              # (H, W, 3) uint8
+        return {"image": torch.from_numpy(image).permute(2, 0, 1), "index": index}
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    """(H, W, 3) uint8 -> PNG, via a hidden temporary file and a rename (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _check_marker(folder: Path, identity: dict[str, Any], overwrite: bool, splits: Sequence[str]) -> None:
+    """Refuse to mix images of two generators in one folder (unless ``overwrite``: start afresh)."""
+    marker = folder / MARKER
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        same = all(previous.get(k) == v for k, v in identity.items())
+    else:
+        same = not any((folder / split).exists() for split in splits)
+    if same:
+        return
+    if not overwrite:
+        what = (f"was written from {json.loads(marker.read_text()).get('checkpoint')}" if marker.exists()
+                else "holds files that da-seg translate did not write")
+        raise TranslationExistsError(f"{folder} {what}, not from {identity['checkpoint']} (iteration "
+                              f"{identity['iteration']}); pass --overwrite to replace it, or choose another --out")
+    for split in splits:
+        if (folder / split).exists():
+            shutil.rmtree(folder / split)
+    marker.unlink(missing_ok=True)
+
+
+def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str | Path | None = None,
+                            descriptor_dir: str | Path | None = None, device: str = "auto",
+                            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Translate the source's splits with the checkpoint's G_st and write the new domain.
+
+    Under torchrun every rank translates its share of each split; rank 0 writes the marker and
+    the descriptor. Returns the summary stored in ``translation.json``.
+    """
+    from da_seg.engine.checkpoint import load_checkpoint, write_text_atomic
+    from da_seg.engine.logging import Progress
+    from da_seg.engine.trainer import amp_dtype_for, pick_device
+
+    checkpoint = Path(checkpoint).absolute()
+    options = translation_options(recipe)
+    source = load_domain(recipe.data.source)
+    name, folder = output_location(recipe, source, out)
+    splits = list(options.splits) or list(source.splits)
+    for split in splits:
+        source.split_spec(split)  # unknown split: fail before any work
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)
+    dev = pick_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    iteration = int(load_checkpoint(checkpoint)["iteration"])
+    identity = {"checkpoint": str(checkpoint), "iteration": iteration, "source_domain": source.name}
+    if rank == 0:
+        _check_marker(folder, identity, overwrite, splits)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps({**identity, "complete": False}, indent=1), folder / MARKER)
+    du.barrier()
+
+    generator = load_generator(checkpoint, options, dev)
+    amp = amp_dtype_for(recipe.train.amp, dev)
+    autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
+    start = time.perf_counter()
+    counts: dict[str, dict[str, int]] = {}
+    with ThreadPoolExecutor(max_workers=2) as saver:
+        for split in splits:
+            spec = source.split_spec(split)
+            samples = source.samples(split, with_labels=spec.labels is not None)
+            destinations = [folder / split / "images" / (s.name + ".png") for s in samples]
+            todo = [i for i, path in enumerate(destinations) if i % world == rank and not path.exists()]
+            counts[split] = {"images": len(samples), "translated_now": len(todo)}
+            if not todo:
+                continue
+            dataset = torch.utils.data.Subset(_SourceImages(source, samples), todo)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False,
+                                                 num_workers=recipe.data.num_workers)
+            bar = Progress(len(todo), f"translate {source.name} {split}", enabled=progress and rank == 0, every_s=30)
+            pending: list[Future] = []
+            for done, item in enumerate(loader, 1):
+                image = item["image"].to(dev, non_blocking=True).float() / 255           # (1, 3, H, W)
+                with autocast():
+                    styled = translate(generator, image, options.tile, options.tile_overlap)
+                pixels = (styled[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+                pending.append(saver.submit(_save_png, pixels, destinations[int(item["index"][0])]))
+                if len(pending) >= 8:  # bounded: never hold more than a few decoded frames
+                    pending.pop(0).result()
+                bar.update(done)
+            for future in pending:
+                future.result()
+            bar.close()
+    du.barrier()
+
+    target = load_domain(recipe.data.target).name
+    summary = {**identity, "complete": True, "domain": name, "folder": str(folder), "splits": splits,
+               "counts": counts, "recipe": recipe.name, "target_domain": target,
+               "generator": {"ngf": options.ngf, "n_blocks": options.n_blocks},
+               "tile": options.tile, "tile_overlap": options.tile_overlap,
+               "seconds_this_pass": round(time.perf_counter() - start, 1)}
+    if rank == 0:
+        from da_seg.data.prepare import dumps_toml
+
+        descriptor_dir = Path(descriptor_dir) if descriptor_dir is not None else default_descriptor_dir()
+        descriptor_dir.mkdir(parents=True, exist_ok=True)
+        description = (f"{source.name} translated to the style of {target} by CycleGAN "
+                       f"({recipe.name}, iteration {iteration}); labels: {source.name}'s")
+        descriptor = translated_descriptor(name, source, splits, folder, description)
+        path = descriptor_dir / f"{name}.toml"
+        header = f"# Written by `da-seg translate` from {checkpoint}; labels are read from {source.name}'s folders.\n"
+        write_text_atomic(header + dumps_toml(descriptor), path)
+        summary["descriptor"] = str(path)
+        write_text_atomic(json.dumps(summary, indent=1), folder / MARKER)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+def run_translate(recipe_path: str | Path, *, overrides: Sequence[str] = (), runs_root: str | Path = "runs",
+                  checkpoint: str | Path | None = None, out: str | Path | None = None,
+                  descriptor_dir: str | Path | None = None, overwrite: bool = False, device: str = "auto",
+                  progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse / resume) the recipe's translator, then write the translated domain."""
+    from da_seg.selftrain import train_or_resume
+
+    recipe = load_recipe(recipe_path, tuple(overrides))
+    translation_options(recipe)
+    if checkpoint is None:
+        run_dir = train_or_resume(recipe, Path(runs_root), device=device, progress=progress)
+        checkpoint = run_dir / "last.pt"
+    return write_translated_domain(checkpoint, recipe, out=out, descriptor_dir=descriptor_dir, device=device,
+                                   overwrite=overwrite, progress=progress)
+
+
+@click.command("translate")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
+@click.option("--seed", type=int, default=None, help="Shortcut for --set train.seed=N.")
+@click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Translate with this translate-run checkpoint instead of training (or reusing) one.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for the translated images (default: components.cyclegan.output_dir, else beside "
+                   "the source's root).")
+@click.option("--descriptor-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the new domain's descriptor goes (default: the first $DA_SEG_DATASETS dir, else ./datasets).")
+@click.option("--overwrite", is_flag=True, help="Replace images another checkpoint wrote in the output folder.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def translate_command(recipe, overrides, seed, runs_root, checkpoint, out, descriptor_dir, overwrite, device,
+                      no_progress):
+    """Train a CycleGAN translator (RECIPE with [components.cyclegan]), then write the translated
+    source as a new domain. Resumable: run the same command again to continue."""
+    if seed is not None:
+        overrides = (*overrides, f"train.seed={seed}")
+    summary = run_translate(recipe, overrides=overrides, runs_root=runs_root, checkpoint=checkpoint, out=out,
+                            descriptor_dir=descriptor_dir, overwrite=overwrite, device=device,
+                            progress=not no_progress)
+    if "descriptor" in summary:
+        total = sum(c["images"] for c in summary["counts"].values())
+        click.echo(f"domain {summary['domain']!r}: {total} images in {summary['folder']}; "
+                   f"descriptor {summary['descriptor']}")
