@@ -230,7 +230,7 @@ def run_rounds(recipe_path: str | Path, rounds: int | None = None, portion_start
     recipe = load_recipe(recipe_path, tuple(overrides))
     options = schedule_options(recipe, rounds=rounds, portion_start=portion_start, portion_step=portion_step,
                                portion_max=portion_max)
-    runs_root = Path(runs_root)
+    runs_root = Path(runs_root).absolute()  # the pseudo-label descriptors name their folders: not relative to $DA_SEG_DATA
     out = selftrain_dir(runs_root, recipe)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _initial_checkpoint(recipe, recipe_path, options, init_checkpoint, overrides, runs_root,

@@ -5,6 +5,8 @@ import json
 import math
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -125,17 +127,20 @@ warmup_recipe = "warm.toml"
 """
 
 
-def test_rounds_write_pseudo_labels_train_and_resume(write_recipe, unlabelled_target, tmp_path):
+def test_rounds_write_pseudo_labels_train_and_resume(write_recipe, unlabelled_target, tmp_path, monkeypatch):
     # The target's train labels are deleted: pseudo-labels must never read target ground truth.
     descriptor = unlabelled_target
     for name, components, iters in (("warm", "[components.source_ce]\n", 3), ("cbst", CBST, 2)):
         path = write_recipe(components, iters=iters, name=f"{name}.toml")
         path.write_text(path.read_text().replace('name = "tiny"', f'name = "{name}"'))
-    runs = tmp_path / "runs"
+    # A relative runs root, as `--runs runs` gives: the pseudo-labelled domains must still be found
+    # (relative domain roots resolve against $DA_SEG_DATA, not the working directory).
+    monkeypatch.chdir(tmp_path)
+    runs = Path("runs")
     summaries = run_rounds(path, runs_root=runs, overrides=[f"data.target={descriptor}"], progress=False)
     assert [s["portion"] for s in summaries] == [0.3, 0.5]
     assert all(s["last_miou"] is not None for s in summaries)
-    out = runs / "tiny_src_to_tiny_tgt" / "cbst_selftrain" / "seed0"
+    out = tmp_path / "runs" / "tiny_src_to_tiny_tgt" / "cbst_selftrain" / "seed0"
     assert (runs / "tiny_src_to_tiny_tgt" / "warm").is_dir()               # the warm-up is an ordinary run
     round1 = out / "round_1"
     pseudo = load_domain(str(round1 / "domain" / "tiny_tgt.toml"))
