@@ -14,7 +14,8 @@ For every recipe, in a fresh process:
    grad mode and autocast state. The *bare work* replays exactly those calls on tensors already
    on the device, one backward over everything that had a gradient, and the optimizers' steps.
    No data loading, augmentation, loss functions, logging or bookkeeping.
-3. overhead ratio = step time / bare time. Everything above 1 is the loop's cost: loader waits,
+3. Both are timed in interleaved blocks of up to 5 steps, and the medians compared, so that a
+   shared or throttled machine slows both sides alike: overhead ratio = step time / bare time. Everything above 1 is the loop's cost: loader waits,
    augmentation, the loss terms themselves (upsampling logits to the label size, softmax, CE),
    EMA updates, logging and host-device synchronization.
 A third pass times the data path alone (``_next_batches``: loader + transfer + augmentation).
@@ -189,7 +190,7 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
                           f"data.source_size={list(args.source_size)}", f"data.target_size={list(args.target_size)}"]
             if recipe.data.target:
                 overrides += [f'data.target="{domains["target"]}"']
-        overrides += [f"schedule.iters={args.warmup + 2 * args.steps + 10}", f"train.amp=\"{args.amp}\"",
+        overrides += [f"schedule.iters={args.warmup + 3 * args.steps + 10}", f"train.amp=\"{args.amp}\"",
                       f"model.channels_last={'true' if args.channels_last else 'false'}"]
         recipe = load_recipe(recipe_path, tuple(overrides))
         trainer = Trainer(recipe, run_dir=None, device=args.device, progress=False)
@@ -217,19 +218,24 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
 
         for _ in range(args.warmup):
             loop_step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        step_s = _timed(loop_step, args.steps, device)
-        peak_step = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
         optimizers = [trainer.optimizer] + [o for c in trainer.components for o in c.optimizers.values()]
         bare = BareWork(recorder.calls, modules, optimizers, device)
         for _ in range(max(1, args.warmup // 2)):
             bare()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        bare_s = _timed(bare, args.steps, device)
-        peak_bare = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        # Interleaved blocks, medians: a shared or throttled machine slows both sides alike.
+        block = max(1, min(5, args.steps // 4))
+        step_times, bare_times, peaks = [], [], {"step": 0, "bare": 0}
+        for start in range(0, args.steps, block):
+            n = min(block, args.steps - start)
+            for side, fn, times in (("step", loop_step, step_times), ("bare", bare, bare_times)):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times.append(_timed(fn, n, device))
+                if device.type == "cuda":
+                    peaks[side] = max(peaks[side], torch.cuda.max_memory_allocated(device))
+        step_s, bare_s = statistics.median(step_times), statistics.median(bare_times)
+        peak_step = peaks["step"] if device.type == "cuda" else None
+        peak_bare = peaks["bare"] if device.type == "cuda" else None
 
         data_s = _timed(trainer._next_batches, args.steps, device)
 
