@@ -190,6 +190,10 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
                           f"data.source_size={list(args.source_size)}", f"data.target_size={list(args.target_size)}"]
             if recipe.data.target:
                 overrides += [f'data.target="{domains["target"]}"']
+        if args.random_init:  # no weight file is read: timings do not depend on the weights
+            overrides += ['model.pretrained=""'] + [
+                f'components.{name}.{key}=""' for name, options in recipe.components.items()
+                for key, value in (options or {}).items() if key.endswith("_weights") and isinstance(value, str)]
         overrides += [f"schedule.iters={args.warmup + 3 * args.steps + 10}", f"train.amp=\"{args.amp}\"",
                       f"model.channels_last={'true' if args.channels_last else 'false'}"]
         recipe = load_recipe(recipe_path, tuple(overrides))
@@ -293,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="train.amp (CUDA only)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the segmenter (both passes)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="ignore the recipe's weight files (model.pretrained, components' *_weights)")
     parser.add_argument("--data", choices=("random", "recipe"), default="random")
     parser.add_argument("--source-size", type=_size, default=(64, 128))
     parser.add_argument("--target-size", type=_size, default=(64, 128))

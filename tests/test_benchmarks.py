@@ -21,7 +21,7 @@ def _load(name: str):
 
 def _args(**overrides) -> argparse.Namespace:
     args = dict(device="cpu", amp="off", channels_last=False, compile=False, data="random",
-                source_size=(32, 48), target_size=(40, 64), images=4, warmup=1, steps=2, threads=0,
+                source_size=(32, 48), target_size=(40, 64), images=4, random_init=False, warmup=1, steps=2, threads=0,
                 eval_size=None, eval_crop=(16, 16), eval_iters=1)
     args.update(overrides)
     return argparse.Namespace(**args)
