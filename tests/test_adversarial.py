@@ -31,6 +31,9 @@ def test_discriminator_output_is_one_32nd_and_parameter_count():
     assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) for m in d.modules())
     small = FCDiscriminator(3, ndf=8)
     assert [m.out_channels for m in small.modules() if isinstance(m, torch.nn.Conv2d)] == [8, 16, 32, 64, 1]
+    assert small(torch.rand(1, 3, 32, 40)).shape == (1, 1, 1, 1)        # the smallest map it takes
+    with pytest.raises(ValueError, match=r"at least 32x32 .* got \(24, 40\).*augment"):
+        small(torch.rand(1, 3, 24, 40))
 
 
 def test_bce_and_lsgan_values_on_known_scores():

@@ -32,5 +32,12 @@ class FCDiscriminator(nn.Module):
         layers.append(nn.Conv2d(widths[-1], 1, kernel_size=4, stride=2, padding=1))
         self.layers = nn.Sequential(*layers)
 
+    MIN_SIZE = 32  # four halvings leave 2 pixels, the least the last 4x4 conv (padding 1) accepts
+
     def forward(self, x: Tensor) -> Tensor:
+        if min(x.shape[-2:]) < self.MIN_SIZE:
+            raise ValueError(
+                f"the domain discriminator needs maps of at least {self.MIN_SIZE}x{self.MIN_SIZE} pixels (five "
+                f"stride-2 4x4 convs), got {tuple(x.shape[-2:])}: its input is the output upsampled to the "
+                "image size, so use larger images or crops (data.*_size, augment.*.crop)")
         return self.layers(x)
