@@ -270,6 +270,12 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str 
 # ---------------------------------------------------------------------------------------------
 # The stage
 
+def is_translation_recipe(recipe: Recipe) -> bool:
+    """Recipes whose components train no segmenter (CycleGAN): `da-seg sweep` hands them to
+    :func:`run_translate`, which also writes the translated domain."""
+    return CycleGAN.name in recipe.components
+
+
 def run_translate(recipe_path: str | Path, *, overrides: Sequence[str] = (), runs_root: str | Path = "runs",
                   checkpoint: str | Path | None = None, out: str | Path | None = None,
                   descriptor_dir: str | Path | None = None, overwrite: bool = False, device: str = "auto",

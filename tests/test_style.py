@@ -344,3 +344,14 @@ def test_ensemble_of_one_checkpoint_three_times_equals_that_checkpoint(write_rec
         return line.split("(")[0]
     assert scores(one.output) == scores(three.output)
     assert "ensemble of 3" in three.output
+
+
+def test_sweep_runs_a_translation_recipe_once_whatever_the_seeds(write_recipe, tmp_path, monkeypatch):
+    import da_seg.translate
+    from da_seg.runs import sweep
+
+    calls = []
+    monkeypatch.setattr(da_seg.translate, "run_translate", lambda path, **kw: calls.append((path, kw["overrides"])))
+    recipe = write_recipe("[components.cyclegan]\n", name="translate.toml")
+    sweep([recipe], seeds=3, runs_root=tmp_path / "runs", progress=False)
+    assert calls == [(recipe, ())]
