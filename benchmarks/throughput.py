@@ -15,10 +15,12 @@ For every recipe, in a fresh process:
    on the device, one backward over everything that had a gradient, and the optimizers' steps.
    No data loading, augmentation, loss functions, logging or bookkeeping.
 3. Both are timed in interleaved blocks of up to 5 steps, and the medians compared, so that a
-   shared or throttled machine slows both sides alike: overhead ratio = step time / bare time. Everything above 1 is the loop's cost: loader waits,
-   augmentation, the loss terms themselves (upsampling logits to the label size, softmax, CE),
-   EMA updates, logging and host-device synchronization.
-A third pass times the data path alone (``_next_batches``: loader + transfer + augmentation).
+   shared or throttled machine slows both sides alike: overhead ratio = step time / bare time.
+   Everything above 1 is the loop's cost: loader waits, augmentation, the loss terms themselves
+   (upsampling logits to the label size, softmax, CE), EMA updates, logging and host-device
+   synchronization. *wait* is the part of a timed step spent blocked on the loaders (starvation).
+A last pass times the data path alone, back to back (``_next_batches``: loader + transfer +
+augmentation), i.e. the loaders' own throughput.
 
 Data: ``--data random`` (default) writes a temporary domain of random smooth images with the
 recipe's classes at ``--source-size`` / ``--target-size`` (PNG, like GTA5 and Cityscapes), so no
@@ -129,6 +131,25 @@ class BareWork:
             opt.zero_grad(set_to_none=True)
 
 
+class LoaderWait:
+    """Time the trainer's steps spend blocked on its loaders (``next()`` on their iterators):
+    starvation shows here, while work the workers do during the step's compute does not."""
+
+    def __init__(self, trainer: Trainer):
+        self.seconds, self.calls = 0.0, 0
+        self.domains = [name for name in ("_source_iter", "_target_iter") if getattr(trainer, name) is not None]
+        for name in self.domains:
+            setattr(trainer, name, self._timed(getattr(trainer, name)))
+
+    def _timed(self, iterator):
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            yield batch
+
+
 # ------------------------------------------------------------------ a temporary random domain
 def write_random_domain(root: Path, name: str, class_names, colors, size: tuple[int, int], count: int,
                         seed: int) -> Path:
@@ -207,6 +228,7 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
         recorder = CallRecorder(modules, device)
         recorder.recording = True
         trainer.step()                          # also builds the loaders and warms the allocator
+        waits = LoaderWait(trainer)
         recorder.recording = False
         recorder.remove()
         if args.compile:
@@ -222,6 +244,7 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
 
         for _ in range(args.warmup):
             loop_step()
+        waits.seconds = waits.calls = 0
         optimizers = [trainer.optimizer] + [o for c in trainer.components for o in c.optimizers.values()]
         bare = BareWork(recorder.calls, modules, optimizers, device)
         for _ in range(max(1, args.warmup // 2)):
@@ -238,6 +261,7 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
                 if device.type == "cuda":
                     peaks[side] = max(peaks[side], torch.cuda.max_memory_allocated(device))
         step_s, bare_s = statistics.median(step_times), statistics.median(bare_times)
+        wait_s = waits.seconds / args.steps
         peak_step = peaks["step"] if device.type == "cuda" else None
         peak_bare = peaks["bare"] if device.type == "cuda" else None
 
@@ -265,7 +289,7 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
             "recipe": recipe_path, "model": recipe.model.name, "methods": "+".join(recipe.components),
             "batch": f"{recipe.data.batch_size}+{recipe.data.batch_size if trainer.uses_target else 0}",
             "step_ms": step_s * 1e3, "bare_ms": bare_s * 1e3, "ratio": step_s / bare_s,
-            "data_ms": data_s * 1e3, "images_per_s": images / step_s,
+            "data_ms": data_s * 1e3, "wait_ms": wait_s * 1e3, "images_per_s": images / step_s,
             "peak_mib": (peak_step / 2**20) if peak_step is not None else rss / 2**20,
             "bare_peak_mib": (peak_bare / 2**20) if peak_bare is not None else None,
             "calls": ", ".join(f"{k} x{v}" for k, v in counts.items()), "eval": eval_rows,
@@ -316,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
           f"data {args.data} ({args.source_size[0]}x{args.source_size[1]} source, "
           f"{args.target_size[0]}x{args.target_size[1]} target), {args.warmup} warm-up + {args.steps} timed "
           f"steps, torch {torch.__version__}")
-    header = (f"| recipe | model | batch | step ms | bare ms | overhead | data ms | images/s | {memory} | "
+    header = (f"| recipe | model | batch | step ms | bare ms | overhead | wait ms | data ms | images/s | {memory} | "
               f"network calls per step |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -328,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         evaluated_models.add(model_name)
         r = _in_fresh_process(path, args.overrides, job_args)
         print(f"| {Path(r['recipe']).stem} | {r['model']} | {r['batch']} | {r['step_ms']:.1f} | {r['bare_ms']:.1f} | "
-              f"{r['ratio']:.3f} | {r['data_ms']:.1f} | {r['images_per_s']:.1f} | {r['peak_mib']:.0f} | "
+              f"{r['ratio']:.3f} | {r['wait_ms']:.1f} | {r['data_ms']:.1f} | {r['images_per_s']:.1f} | {r['peak_mib']:.0f} | "
               f"{r['calls']} |", flush=True)
         evals += [(r["model"], mode, ips) for mode, ips in r["eval"]]
     if evals:

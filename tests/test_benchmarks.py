@@ -37,6 +37,7 @@ def test_throughput_records_each_network_call_of_a_step_and_replays_them(write_r
     assert row["batch"] == "2+2"
     assert row["step_ms"] > 0 and row["bare_ms"] > 0
     assert row["ratio"] == pytest.approx(row["step_ms"] / row["bare_ms"])
+    assert 0 <= row["wait_ms"] < row["step_ms"]
     assert [mode for mode, _ in row["eval"]] == ["whole", "slide"]
 
 
