@@ -27,15 +27,11 @@ from da_seg.data.datasets import SegmentationDataset  # noqa: E402
 from da_seg.data.domains import load_domain  # noqa: E402
 from da_seg.data.loaders import infinite_loader  # noqa: E402
 from da_seg.models import build_model  # noqa: E402
+from benchmarks.common import parse_size, sync  # noqa: E402
 
 
 def size(text: str | None):
-    return tuple(int(v) for v in text.lower().split("x")) if text else None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return parse_size(text) if text else None
 
 
 def loader_rate(args, device) -> float:

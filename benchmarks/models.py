@@ -14,8 +14,6 @@ gradients and allocator overhead of the FLOP-counting forward and the train step
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import multiprocessing
 import os
 import resource
 import statistics
@@ -28,17 +26,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import in_fresh_process, parse_size, sync  # noqa: E402
 from da_seg.models import MODELS, build_model  # noqa: E402
 
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(name: str, size: tuple[int, int], device: str, amp: bool, batch: int, classes: int,
@@ -77,15 +71,15 @@ def measure(name: str, size: tuple[int, int], device: str, amp: bool, batch: int
 
     for _ in range(warmup):
         step()
-    _sync(dev)
+    sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for _ in range(iters):
-        _sync(dev)
+        sync(dev)
         start = time.perf_counter()
         step()
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - start)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
@@ -93,21 +87,6 @@ def measure(name: str, size: tuple[int, int], device: str, amp: bool, batch: int
         peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
     return {"model": name, "size": f"{size[0]}x{size[1]}", "amp": amp, "params": params, "gflops": flops / 1e9,
             "ms": statistics.median(times) * 1e3, "peak_mib": peak / 2**20, "out_stride": model.output_stride}
-
-
-def _measure_in_fresh_process(*job) -> dict:
-    """CPU rows run in their own process, so that the peak RSS belongs to that row alone."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(measure, *job).result()
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = text.lower().split("x")
-        return int(h), int(w)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x1024, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; valid: {', '.join(MODELS)}")
-    sizes = [_parse_size(s) for s in args.sizes.split(",")]
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
     amps = {"off": [False], "on": [True], "both": [False, True]}[args.amp]
     jobs = [(n, s, args.device, amp, args.batch, args.classes, args.warmup, args.iters, args.channels_last,
              args.threads) for n in names for s in sizes for amp in amps]
@@ -144,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    run = measure if args.device.startswith("cuda") else _measure_in_fresh_process
-    for r in map(lambda job: run(*job), jobs):
+    # CPU rows run in their own process, so that the peak RSS belongs to that row alone.
+    cpu = not args.device.startswith("cuda")
+    for r in (in_fresh_process(measure, *job) if cpu else measure(*job) for job in jobs):
         print(f"| {r['model']} | {r['size']} | {'on' if r['amp'] else 'off'} | {r['params'] / 1e6:.2f} | "
               f"{r['gflops']:.1f} | {r['ms']:.0f} | {r['peak_mib']:.0f} | {r['out_stride']} |", flush=True)
 

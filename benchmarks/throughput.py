@@ -35,8 +35,6 @@ sliding window, ``--eval-crop``) of the recipe's segmenter, in images/s.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import multiprocessing
 import os
 import resource
 import statistics
@@ -53,6 +51,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import in_fresh_process, parse_size, sync  # noqa: E402
 from da_seg.config import load_recipe  # noqa: E402
 from da_seg.data.domains import load_domain  # noqa: E402
 from da_seg.engine.evaluate import predict  # noqa: E402
@@ -137,9 +136,9 @@ class LoaderWait:
 
     def __init__(self, trainer: Trainer):
         self.seconds, self.calls = 0.0, 0
-        self.domains = [name for name in ("_source_iter", "_target_iter") if getattr(trainer, name) is not None]
-        for name in self.domains:
-            setattr(trainer, name, self._timed(getattr(trainer, name)))
+        for name in ("_source_iter", "_target_iter"):
+            if getattr(trainer, name) is not None:
+                setattr(trainer, name, self._timed(getattr(trainer, name)))
 
     def _timed(self, iterator):
         while True:
@@ -180,18 +179,13 @@ def write_random_domain(root: Path, name: str, class_names, colors, size: tuple[
 
 
 # ------------------------------------------------------------------ one recipe
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, steps: int, device: torch.device) -> float:
     """Seconds per call of ``fn`` over ``steps`` calls, synchronized once at each end."""
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -297,21 +291,6 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
         }
 
 
-def _in_fresh_process(*job) -> dict:
-    """Each recipe in its own process: clean allocator, loaders and peak-memory counters."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(measure, *job).result()
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = text.lower().split("x")
-        return int(h), int(w)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x1024 (HxW), got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+")
@@ -324,14 +303,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="ignore the recipe's weight files (model.pretrained, components' *_weights)")
     parser.add_argument("--data", choices=("random", "recipe"), default="random")
-    parser.add_argument("--source-size", type=_size, default=(64, 128))
-    parser.add_argument("--target-size", type=_size, default=(64, 128))
+    parser.add_argument("--source-size", type=parse_size, default=(64, 128))
+    parser.add_argument("--target-size", type=parse_size, default=(64, 128))
     parser.add_argument("--images", type=int, default=16, help="images per random domain")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
-    parser.add_argument("--eval-size", type=_size, default=None)
-    parser.add_argument("--eval-crop", type=_size, default=(512, 1024))
+    parser.add_argument("--eval-size", type=parse_size, default=None)
+    parser.add_argument("--eval-crop", type=parse_size, default=(512, 1024))
     parser.add_argument("--eval-iters", type=int, default=3)
     args = parser.parse_args(argv)
 
@@ -350,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         # Evaluation cost depends on the model only: time it once per model.
         job_args = argparse.Namespace(**{**vars(args), "eval_size": None}) if model_name in evaluated_models else args
         evaluated_models.add(model_name)
-        r = _in_fresh_process(path, args.overrides, job_args)
+        r = in_fresh_process(measure, path, args.overrides, job_args)  # clean allocator, loaders, peaks
         print(f"| {Path(r['recipe']).stem} | {r['model']} | {r['batch']} | {r['step_ms']:.1f} | {r['bare_ms']:.1f} | "
               f"{r['ratio']:.3f} | {r['wait_ms']:.1f} | {r['data_ms']:.1f} | {r['images_per_s']:.1f} | {r['peak_mib']:.0f} | "
               f"{r['calls']} |", flush=True)
