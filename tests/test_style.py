@@ -7,9 +7,11 @@ import math
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from da_seg.cli import main
 from da_seg.config import ConfigError, load_recipe, recipe_from_dict
@@ -355,3 +357,26 @@ def test_sweep_runs_a_translation_recipe_once_whatever_the_seeds(write_recipe, t
     recipe = write_recipe("[components.cyclegan]\n", name="translate.toml")
     sweep([recipe], seeds=3, runs_root=tmp_path / "runs", progress=False)
     assert calls == [(recipe, ())]
+
+
+def test_style_panel_script_lays_out_label_source_translation_fda_and_target(tiny_domains, tmp_path):
+    # The source stands in for its own translation (same file names), so that column must equal
+    # the source column; FDA with beta 0 is the identity too.
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "style_panels.py"
+    out = tmp_path / "panel.png"
+    source, target = str(tiny_domains["source"]), str(tiny_domains["target"])
+    done = subprocess.run([sys.executable, str(script), "--source", source, "--target", target, "--translated", source,
+                           "--beta", "0", "--beta", "0.2", "--rows", "3", "--scale", "1", "--gap", "0",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    panel = np.asarray(Image.open(out))
+    height, width = 32, 48                                    # tiny domain frames
+    assert panel.shape == (3 * height, 6 * width, 3)
+    tiles = [panel[:height, c * width:(c + 1) * width] for c in range(6)]
+    label, image, translated, fda_zero, fda, target = tiles
+    assert set(map(tuple, label.reshape(-1, 3))) <= {(255, 0, 0), (0, 255, 0), (0, 0, 255)}
+    assert np.array_equal(translated, image) and np.array_equal(fda_zero, image)
+    assert not np.array_equal(fda, image) and not np.array_equal(target, image)
