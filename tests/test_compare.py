@@ -59,6 +59,16 @@ def test_collect_runs_skips_unfinished_unless_asked(runs_dir):
         collect_runs([runs_dir / "nowhere"])
 
 
+def test_translator_runs_that_score_no_domain_are_left_out(runs_dir):
+    folder = runs_dir / "gta_to_city" / "translate" / "0-20240101-000000"
+    folder.mkdir(parents=True)
+    empty = {"iteration": 100, "domains": {}}
+    (folder / "metrics.json").write_text(json.dumps(
+        {"recipe": "translate", "source": "gta", "target": "city", "seed": 0, "finished": True,
+         "primary_domain": "", "evaluations": [empty], "last": empty, "best": None}))
+    assert "translate" not in {run.recipe for run in collect_runs([runs_dir], include_unfinished=True)}
+
+
 def test_summary_means_and_sample_stds_over_seeds(runs_dir):
     rows = summarize(collect_runs([runs_dir]))
     assert [(r.pair, r.recipe) for r in rows] == [

@@ -69,7 +69,7 @@ def _miou(entry) -> float:
 
 
 def _read_run(path: Path) -> RunSummary | None:
-    """Parses one metrics.json; None when it holds no evaluation yet."""
+    """Parses one metrics.json; None when it holds no scored evaluation yet."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -85,7 +85,7 @@ def _read_run(path: Path) -> RunSummary | None:
     last = data.get("last") or (evaluations[-1] if evaluations else None)
     best = data.get("best") or (max(evaluations, key=lambda e: _nan_low(
         _miou(e.get("domains", {}).get(primary)))) if evaluations else None)
-    if last is None:
+    if last is None or not last.get("domains"):
         return None
     for name, entry in (("last", last), ("best", best)):
         if entry is not None and not isinstance(entry.get("domains"), dict):
@@ -110,7 +110,8 @@ def collect_runs(paths: Iterable[Path | str], *, include_unfinished: bool = Fals
     """Every metrics.json at or below ``paths`` (files or folders), sorted by path.
 
     Runs not marked ``"finished": true`` are skipped unless ``include_unfinished``; runs with
-    no evaluation yet are always skipped.
+    no evaluation yet, or whose evaluations score no domain (a ``da-seg translate`` run trains no
+    segmenter), are always skipped.
     """
     files: set[Path] = set()
     for path in map(Path, paths):
