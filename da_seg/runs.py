@@ -71,17 +71,17 @@ def sweep(recipe_paths: list[Path], seeds: int, runs_root: Path, *, overrides: t
 
     done = []
     for path in recipe_paths:
+        recipe = load_recipe(path, tuple(overrides))
+        if is_translation_recipe(recipe):
+            # Once, at the recipe's own seed: one translated domain serves every seed of the recipes
+            # trained on it (a second translator would also be refused by the images the first wrote).
+            print(f"[sweep] {recipe.name}: translation stage (once, seed {recipe.train.seed} of the recipe)")
+            run_translate(path, overrides=overrides, runs_root=runs_root, device=device, progress=progress)
+            done.extend(find_runs(runs_root, recipe)[-1:])
+            continue
         for seed in range(seeds):
             seed_overrides = (*overrides, f"train.seed={seed}")
             recipe = load_recipe(path, seed_overrides)
-            if is_translation_recipe(recipe):
-                # One translated domain serves every seed of the recipes trained on it (a second
-                # translator would also be refused by the images the first one wrote).
-                if seed == 0:
-                    print(f"[sweep] {recipe.name}: translation stage (once, seed {recipe.train.seed} of the recipe)")
-                    run_translate(path, overrides=overrides, runs_root=runs_root, device=device, progress=progress)
-                    done.extend(find_runs(runs_root, load_recipe(path, tuple(overrides)))[-1:])
-                continue
             if is_self_training_recipe(recipe):  # offline rounds (CBST): resumable on their own
                 print(f"[sweep] {recipe.name} seed {seed}: self-training rounds")
                 run_rounds(path, runs_root=runs_root, overrides=seed_overrides, device=device, progress=progress)

@@ -53,7 +53,7 @@ class TranslationExistsError(ValueError):
 
 
 def translation_options(recipe: Recipe) -> CycleGANOptions:
-    if CycleGAN.name not in recipe.components:
+    if not is_translation_recipe(recipe):
         raise ConfigError(f"recipe {recipe.name!r}: `da-seg translate` needs [components.{CycleGAN.name}]")
     return parse_options(CycleGAN, dict(recipe.components[CycleGAN.name] or {}), recipe.name)
 

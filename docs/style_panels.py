@@ -46,7 +46,7 @@ def panel_rows(source_name: str, target_name: str, translated_name: str | None, 
     for sample in source_samples:
         image, label = source.read_pair(sample)
         target_image = target.read_image(rng.choice(target_samples).image)
-        row = [colorize(torch.from_numpy(label.astype(np.int64)), source.colors).permute(1, 2, 0).numpy(), image]
+        row = [colorize(label, source.colors).permute(1, 2, 0).numpy(), image]
         if translated is not None:
             if sample.name not in translated_by_name:
                 raise SystemExit(f"{translated.name}: no translation of {sample.name!r} in split {split!r} "

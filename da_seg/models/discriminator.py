@@ -22,6 +22,8 @@ class FCDiscriminator(nn.Module):
                 multiples of 32 (each conv maps a size s to floor(s/2) for even s).
     """
 
+    MIN_SIZE = 32  # four halvings leave 2 pixels, the least the last 4x4 conv (padding 1) accepts
+
     def __init__(self, in_channels: int, ndf: int = 64):
         super().__init__()
         widths = [in_channels, ndf, ndf * 2, ndf * 4, ndf * 8]
@@ -31,8 +33,6 @@ class FCDiscriminator(nn.Module):
                        nn.LeakyReLU(0.2, inplace=True)]
         layers.append(nn.Conv2d(widths[-1], 1, kernel_size=4, stride=2, padding=1))
         self.layers = nn.Sequential(*layers)
-
-    MIN_SIZE = 32  # four halvings leave 2 pixels, the least the last 4x4 conv (padding 1) accepts
 
     def forward(self, x: Tensor) -> Tensor:
         if min(x.shape[-2:]) < self.MIN_SIZE:
