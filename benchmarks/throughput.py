@@ -19,7 +19,7 @@ For every recipe, in a fresh process:
    Everything above 1 is the loop's cost: loader waits, augmentation, the loss terms themselves
    (upsampling logits to the label size, softmax, CE), EMA updates, logging and host-device
    synchronization. *wait* is the part of a timed step spent blocked on the loaders (starvation).
-A last pass times the data path alone, back to back (``_next_batches``: loader + transfer +
+A last pass times the data path alone, back to back (``next_batches``: loader + transfer +
 augmentation), i.e. the loaders' own throughput.
 
 Data: ``--data random`` (default) writes a temporary domain of random smooth images with the
@@ -136,9 +136,9 @@ class LoaderWait:
 
     def __init__(self, trainer: Trainer):
         self.seconds, self.calls = 0.0, 0
-        for name in ("_source_iter", "_target_iter"):
-            if getattr(trainer, name) is not None:
-                setattr(trainer, name, self._timed(getattr(trainer, name)))
+        for stream in (trainer.source_stream, trainer.target_stream):
+            if stream is not None and stream._iterator is not None:
+                stream._iterator = self._timed(stream._iterator)
 
     def _timed(self, iterator):
         while True:
@@ -259,7 +259,7 @@ def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) ->
         peak_step = peaks["step"] if device.type == "cuda" else None
         peak_bare = peaks["bare"] if device.type == "cuda" else None
 
-        data_s = _timed(trainer._next_batches, args.steps, device)
+        data_s = _timed(trainer.next_batches, args.steps, device)
 
         eval_rows = []
         if args.eval_size:

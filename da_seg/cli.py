@@ -1,4 +1,4 @@
-"""The `da-seg` command: train, sweep, eval, compare, synth, prepare, list, self-train, translate."""
+"""The `da-seg` command: train, sweep, check, eval, compare, synth, prepare, list, self-train, translate."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from da_seg.config import ConfigError, load_recipe
+from da_seg.config import ConfigError
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -40,13 +40,24 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(recipe, overrides, seed, resume, runs_root, device, no_progress):
-    """Train RECIPE (a TOML file). Multi-GPU: torchrun --nproc_per_node=N -m da_seg train ..."""
+    """Train RECIPE (a TOML file) by its stage: one run, or a translate / self-training stage.
+    Multi-GPU: torchrun --nproc_per_node=N -m da_seg train ..."""
     from da_seg.runs import train as train_run
+    from da_seg.stages import load, stage_of
 
     if seed is not None:
         overrides = (*overrides, f"train.seed={seed}")
-    metrics = train_run(load_recipe(recipe, overrides), Path(runs_root), resume=resume, device=device,
+    loaded = load(recipe, overrides)
+    stage = stage_of(loaded)
+    if stage.name != "train":  # a stage of several steps resumes by itself: run it again to continue
+        if resume:
+            raise click.UsageError(f"--resume applies to one run; {recipe} is a {stage.name} stage, which "
+                                   "continues where it stopped when run again")
+        out = stage.run(Path(recipe), overrides=overrides, runs_root=Path(runs_root), device=device,
                         progress=not no_progress)
+        click.echo(f"{stage.name} stage done: {out}")
+        return
+    metrics = train_run(loaded, Path(runs_root), resume=resume, device=device, progress=not no_progress)
     last = metrics.get("last") or {}
     primary = metrics.get("primary_domain")
     if primary and last and os.environ.get("RANK", "0") == "0":
@@ -64,7 +75,7 @@ def train(recipe, overrides, seed, resume, runs_root, device, no_progress):
 def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
     """Run RECIPES over seeds one after another (resuming interrupted runs), then compare them."""
     from da_seg.engine.compare import collect_runs, compare_table
-    from da_seg.runs import sweep as run_sweep
+    from da_seg.stages import sweep as run_sweep
 
     run_dirs = run_sweep([Path(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
                          device=device, progress=not no_progress)
@@ -95,8 +106,9 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
     from da_seg.data.loaders import eval_loader, infinite_loader
     from da_seg.engine.checkpoint import load_checkpoint
     from da_seg.engine.evaluate import SoftmaxEnsemble, evaluate, recompute_batchnorm
-    from da_seg.engine.logging import Progress
-    from da_seg.engine.trainer import pick_device, restore_model
+    from da_seg.utils.progress import Progress
+    from da_seg.engine.checkpoint import restore_model
+    from da_seg.engine.trainer import pick_device
 
     dev = pick_device(device)
     dom = load_domain(domain)
@@ -201,11 +213,29 @@ def list_cmd(kind):
             click.echo(str(path.relative_to(Path.cwd())))
 
 
-from da_seg.selftrain import self_train as _self_train_command  # noqa: E402
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def check(recipes, overrides):
+    """Check RECIPES without data or training: keys and values, stage, components and their
+    options, and that the model and components build (random init, CPU). One line per recipe."""
+    from da_seg.check import check_recipe
+
+    failed = 0
+    for path in recipes:
+        problem, note = check_recipe(Path(path), tuple(overrides))
+        failed += problem is not None
+        click.echo(f"{path}: " + (f"error: {problem}" if problem else "OK" + (f" ({note})" if note else "")))
+    if failed:
+        click.echo(f"{failed} of {len(recipes)} recipes failed", err=True)
+        sys.exit(2)
+
+
+from da_seg.stages.self_train import self_train as _self_train_command  # noqa: E402
 
 main.add_command(_self_train_command)
 
-from da_seg.translate import translate_command as _translate_command  # noqa: E402
+from da_seg.stages.translate import translate_command as _translate_command  # noqa: E402
 
 main.add_command(_translate_command)
 
@@ -218,7 +248,7 @@ def run() -> None:
     """Entry point that turns configuration and data errors into one clear line, not a traceback."""
     from da_seg.data.domains import DomainError
     from da_seg.data.synthetic import SyntheticDataError
-    from da_seg.engine.trainer import NonFiniteLossError
+    from da_seg.engine.logging import NonFiniteLossError
 
     if os.environ.get("DA_SEG_DEBUG"):  # full tracebacks for developers
         main()

@@ -17,9 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from da_seg.utils.tomlio import dumps_toml
+
 
 class ConfigError(ValueError):
     """A recipe that cannot be used as written; the message names the key and the file."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name (method, stage, model) that is not in its registry; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would print the message as a quoted repr
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class AugmentPair:
 class ModelConfig:
     name: str = "deeplab_small"
     pretrained: str = ""                  # a weight file the user names; "" = random init
+    init_checkpoint: str = ""             # a da_seg checkpoint (last.pt / best.pt) to start from (self-training rounds)
     options: dict[str, Any] = field(default_factory=dict)  # builder keyword options
     channels_last: bool = False
 
@@ -122,6 +132,7 @@ class Recipe:
     name: str = ""
     description: str = ""
     reference: str = ""                   # where the hyper-parameters and the aimed-at number come from
+    stage: str = "train"                  # what runs the recipe (da_seg.stages.STAGES): train | translate | self_train
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentPair = field(default_factory=AugmentPair)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -130,6 +141,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     components: dict[str, dict[str, Any]] = field(default_factory=dict)  # method name -> options
+    # The table named after the stage ([translate], [self_train]); the stage checks its keys.
+    stage_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def val_domains(self) -> tuple[str, ...]:
@@ -142,7 +155,12 @@ class Recipe:
         return f"{_short(self.data.source)}_to_{_short(target)}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as TOML tables: the stage's options under the stage's own name."""
+        data = dataclasses.asdict(self)
+        options = data.pop("stage_options")
+        if options:
+            data[self.stage] = options
+        return data
 
 
 def _short(domain: str) -> str:
@@ -185,6 +203,19 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    raw = dict(raw)
+    stage = raw.get("stage", "train")
+    if not isinstance(stage, str):
+        raise ConfigError(f"{source}: stage must be a string (a name of da_seg.stages.STAGES), got {stage!r}")
+    own_fields = {f.name for f in dataclasses.fields(Recipe)}
+    if stage not in own_fields and stage in raw:
+        options = raw.pop(stage)
+        if not isinstance(options, dict):
+            raise ConfigError(f"{source}: [{stage}] must be a table of the {stage} stage's options, got {options!r}")
+        raw["stage_options"] = options
+    elif "stage_options" in raw:
+        raise ConfigError(f"{source}: unknown key 'stage_options'; a stage's options go in a table named after "
+                          f"the stage ([{stage}])")
     recipe = _build(Recipe, raw, prefix="", source=source)
     for key in ("source", "target"):
         value = getattr(recipe.data, key)
@@ -305,38 +336,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
 # ---------------------------------------------------------------------------- writing
 
 def to_toml(data: dict[str, Any]) -> str:
-    """Serialize a resolved recipe (nested dicts of scalars and lists) as TOML; None is omitted."""
-    lines: list[str] = []
-    _emit_table(data, [], lines)
-    return "\n".join(lines).strip() + "\n"
-
-
-def _emit_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
-    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-    if path and (scalars or not tables):
-        lines.append("")
-        lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
-    for key, value in scalars.items():
-        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in tables.items():
-        _emit_table(value, path + [key], lines)
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else '"' + key + '"'
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
+    """A resolved recipe (``Recipe.to_dict()``) as TOML that ``load_recipe`` reads back; None is omitted."""
+    return dumps_toml(data)
 
 
 def recipe_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

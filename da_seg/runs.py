@@ -1,11 +1,18 @@
-"""Starting, finding and resuming runs; the sweep over recipes and seeds."""
+"""Run folders: where a run lives, whether it finished, and training one (new or resumed).
+
+``runs/<source>_to_<target>/<recipe>/<seed>-<time>/`` holds one run: ``recipe.toml``,
+``metrics.json``, ``last.pt``, ``best.pt`` and its TensorBoard events. Stages
+(``da_seg.stages``) call :func:`train` and :func:`train_or_resume`; nothing here knows a stage.
+"""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
+from typing import Any, Sequence
 
-from da_seg.config import Recipe, load_recipe
-from da_seg.engine import distributed as du
+from da_seg.config import Recipe
+from da_seg.utils import distributed as du
 
 
 def run_status(run_dir: Path) -> str:
@@ -29,13 +36,23 @@ def find_runs(runs_root: Path, recipe: Recipe) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.split("-", 1)[0] == seed)
 
 
+def new_run_dir(runs_root: Path, recipe: Recipe) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(runs_root) / recipe.pair / recipe.name / f"{recipe.train.seed}-{stamp}"
+    path, n = base, 1
+    while path.exists():  # two runs started within the same second
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
 def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, device: str = "auto",
-          progress: bool = True) -> dict:
+          progress: bool = True, val_domains: Sequence[str] | None = None) -> dict[str, Any]:
     """Train one recipe (one seed). ``resume``: a run folder, or "auto" for this recipe+seed's latest.
+    ``val_domains``: what to score (default: the recipe's; a translator stage scores nothing).
 
     Under torchrun every rank calls this; rank 0 picks the run folder and tells the others.
     """
-    from da_seg.engine.trainer import Trainer, new_run_dir, pick_device
+    from da_seg.engine.trainer import Trainer, pick_device
 
     dist = du.init_distributed(str(pick_device(device)))
     run_dir: Path | None = None
@@ -56,47 +73,25 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
         if run_dir is None:
             run_dir = new_run_dir(runs_root, recipe)
     run_dir, resuming = du.broadcast_object((run_dir, resuming))
-    trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist)
+    trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
+                      val_domains=val_domains)
     if dist.is_main:
         print(("resuming " if resuming else "run folder ") + str(run_dir))
     return trainer.fit()
 
 
-def sweep(recipe_paths: list[Path], seeds: int, runs_root: Path, *, overrides: tuple[str, ...] = (),
-          device: str = "auto", progress: bool = True) -> list[Path]:
-    """Every recipe over seeds 0..seeds-1, one after another; finished runs are skipped and
-    interrupted ones resumed, so re-running a sweep after a crash completes it."""
-    from da_seg.selftrain import is_self_training_recipe, run_rounds, selftrain_dir
-    from da_seg.translate import is_translation_recipe, run_translate
-
-    done = []
-    for path in recipe_paths:
-        recipe = load_recipe(path, tuple(overrides))
-        if is_translation_recipe(recipe):
-            # Once, at the recipe's own seed: one translated domain serves every seed of the recipes
-            # trained on it (a second translator would also be refused by the images the first wrote).
-            print(f"[sweep] {recipe.name}: translation stage (once, seed {recipe.train.seed} of the recipe)")
-            run_translate(path, overrides=overrides, runs_root=runs_root, device=device, progress=progress)
-            done.extend(find_runs(runs_root, recipe)[-1:])
-            continue
-        for seed in range(seeds):
-            seed_overrides = (*overrides, f"train.seed={seed}")
-            recipe = load_recipe(path, seed_overrides)
-            if is_self_training_recipe(recipe):  # offline rounds (CBST): resumable on their own
-                print(f"[sweep] {recipe.name} seed {seed}: self-training rounds")
-                run_rounds(path, runs_root=runs_root, overrides=seed_overrides, device=device, progress=progress)
-                done.append(selftrain_dir(runs_root, recipe))
-                continue
-            existing = find_runs(runs_root, recipe)
-            latest = existing[-1] if existing else None
-            status = run_status(latest) if latest else "empty"
-            if status == "finished":
-                print(f"[sweep] {recipe.name} seed {seed}: finished in {latest}, skipped")
-            else:
-                print(f"[sweep] {recipe.name} seed {seed}: " + ("resuming " + str(latest) if status == "resumable"
-                                                                else "starting"))
-                train(recipe, runs_root, resume=latest if status == "resumable" else None, device=device,
-                      progress=progress)
-                latest = find_runs(runs_root, recipe)[-1]
-            done.append(latest)
-    return done
+def train_or_resume(recipe: Recipe, runs_root: Path, *, device: str = "auto", progress: bool = True,
+                    val_domains: Sequence[str] | None = None, label: str = "") -> Path:
+    """Train ``recipe`` under ``runs_root`` unless a finished run exists; resume an interrupted one.
+    Returns the run folder. ``label``: printed with what was decided (a sweep's progress)."""
+    existing = find_runs(runs_root, recipe)
+    latest = existing[-1] if existing else None
+    status = run_status(latest) if latest else "empty"
+    if label:
+        print(f"[sweep] {label}: " + {"finished": f"finished in {latest}, skipped",
+                                      "resumable": f"resuming {latest}"}.get(status, "starting"))
+    if status != "finished":
+        train(recipe, runs_root, resume=latest if status == "resumable" else None, device=device, progress=progress,
+              val_domains=val_domains)
+        latest = find_runs(runs_root, recipe)[-1]
+    return latest

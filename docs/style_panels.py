@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 from da_seg.data.domains import load_domain
-from da_seg.engine.visualize import colorize
-from da_seg.methods.style import fda_transfer, to_uint8
+from da_seg.utils.visualize import colorize
+from da_seg.methods.fda import fda_transfer
+from da_seg.utils.visualize import to_uint8
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

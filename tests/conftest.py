@@ -89,10 +89,11 @@ def tiny_domains(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_recipe_text(domains: dict[str, Path], components: str = "[components.source_ce]\n", iters: int = 6,
-                     extra: str = "") -> str:
+                     extra: str = "", stage: str = "") -> str:
     """A recipe that trains the smallest model for a few steps on the tiny domains.
 
-    ``extra``: lines ``key = value`` for [train], replacing the defaults below.
+    ``extra``: lines ``key = value`` for [train], replacing the defaults below; ``stage``: the
+    recipe's stage (default train); ``components`` may also hold the stage's table.
     """
     train = {"log_every": "2", "eval_every": "3", "checkpoint_every": "3"}
     for line in extra.splitlines():
@@ -100,8 +101,9 @@ def tiny_recipe_text(domains: dict[str, Path], components: str = "[components.so
             key, value = line.split("=", 1)
             train[key.strip()] = value.strip()
     train_lines = "\n".join(f"{k} = {v}" for k, v in train.items())
+    stage_line = f'stage = "{stage}"\n' if stage else ""
     return f'''name = "tiny"
-[data]
+{stage_line}[data]
 source = "{domains['source']}"
 target = "{domains['target']}"
 batch_size = 2
@@ -122,8 +124,9 @@ iters = {iters}
 
 @pytest.fixture
 def write_recipe(tmp_path, tiny_domains):
-    def _write(components: str = "[components.source_ce]\n", iters: int = 6, extra: str = "", name="tiny.toml"):
+    def _write(components: str = "[components.source_ce]\n", iters: int = 6, extra: str = "", name="tiny.toml",
+               stage: str = ""):
         path = tmp_path / name
-        path.write_text(tiny_recipe_text(tiny_domains, components, iters, extra))
+        path.write_text(tiny_recipe_text(tiny_domains, components, iters, extra, stage))
         return path
     return _write

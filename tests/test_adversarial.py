@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from da_seg.engine.trainer import component_setup
 from da_seg.config import ConfigError, load_recipe, recipe_from_dict
 from da_seg.engine.checkpoint import load_checkpoint
 from da_seg.engine.trainer import Trainer
@@ -51,8 +52,7 @@ def _setup(multi_level=True, schedule=None):
     model = build_deeplab_small(NUM_CLASSES, width=4, multi_level=multi_level, aspp_channels=8)
     recipe = recipe_from_dict({"name": "unit", "data": {"source": "a", "target": "b"},
                                "schedule": schedule or {"iters": 10}})
-    return model, ComponentSetup(recipe=recipe, num_classes=NUM_CLASSES, ignore_index=255,
-                                 device=torch.device("cpu"), model=model)
+    return model, component_setup(recipe, model, torch.device("cpu"))
 
 
 def _context(model, iteration=5):

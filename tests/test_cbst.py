@@ -13,13 +13,13 @@ import torch
 from da_seg.config import ConfigError, load_recipe
 from da_seg.data.domains import load_domain
 from da_seg.engine.trainer import Trainer
+from da_seg.data.pseudo_labels import MARKER
 from da_seg.methods.cbst import (
-    MARKER,
     ClassConfidenceSample,
     predict_probabilities,
     select_pseudo_labels,
 )
-from da_seg.selftrain import portions, run_rounds
+from da_seg.stages.self_train import portions, run_rounds
 
 
 def _probs(seed: int, n: int = 5, c: int = 4, size=(6, 7), absent: int | None = 3) -> list[torch.Tensor]:
@@ -119,6 +119,7 @@ def test_pseudo_ce_refuses_a_target_with_real_labels(write_recipe):
 
 CBST = """[components.source_ce]
 [components.pseudo_ce]
+[self_train]
 rounds = 2
 portion_start = 0.3
 portion_step = 0.2
@@ -130,8 +131,8 @@ warmup_recipe = "warm.toml"
 def test_rounds_write_pseudo_labels_train_and_resume(write_recipe, unlabelled_target, tmp_path, monkeypatch):
     # The target's train labels are deleted: pseudo-labels must never read target ground truth.
     descriptor = unlabelled_target
-    for name, components, iters in (("warm", "[components.source_ce]\n", 3), ("cbst", CBST, 2)):
-        path = write_recipe(components, iters=iters, name=f"{name}.toml")
+    for name, components, iters, stage in (("warm", "[components.source_ce]\n", 3, ""), ("cbst", CBST, 2, "self_train")):
+        path = write_recipe(components, iters=iters, name=f"{name}.toml", stage=stage)
         path.write_text(path.read_text().replace('name = "tiny"', f'name = "{name}"'))
     # A relative runs root, as `--runs runs` gives: the pseudo-labelled domains must still be found
     # (relative domain roots resolve against $DA_SEG_DATA, not the working directory).
@@ -153,7 +154,7 @@ def test_rounds_write_pseudo_labels_train_and_resume(write_recipe, unlabelled_ta
     assert json.loads((round1 / "labels" / MARKER).read_text())["portion"] == 0.3
     # round 2 starts from round 1's model, and its recipe trains on round 2's pseudo-labels
     round2 = load_recipe(out / "round_2" / "recipe.toml")
-    assert round2.components["pseudo_ce"]["init_checkpoint"] == summaries[0]["checkpoint"]
+    assert round2.model.init_checkpoint == summaries[0]["checkpoint"] and round2.stage == "train"
     assert round2.data.target == str(out / "round_2" / "domain" / "tiny_tgt.toml")
     assert round2.val_domains == (str(descriptor),)
     assert json.loads((out / "rounds.json").read_text())[1]["round"] == 2

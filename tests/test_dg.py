@@ -13,12 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from da_seg.engine.trainer import component_setup
 from da_seg.config import ConfigError, load_recipe, recipe_from_dict
 from da_seg.engine.compare import collect_runs, compare_table, summarize
 from da_seg.methods import METHODS, build_components
 from da_seg.methods.base import ComponentSetup, DomainBatch, StepContext, parse_options
-from da_seg.methods.generalization import (
-    InstanceSelectiveWhitening, instance_covariance, isw_loss, saw_loss, sensitive_mask)
+from da_seg.methods.common import instance_covariance
+from da_seg.methods.isw import InstanceSelectiveWhitening, isw_loss, sensitive_mask
+from da_seg.methods.san_saw import saw_loss
 from da_seg.methods.source import CrossEntropyOptions, batch_class_weights, segmentation_ce
 from da_seg.models import build_model
 from da_seg.models.norm import feature_key, heatmap_region, kmeans_1d, region_normalize
@@ -36,8 +38,7 @@ def _small(dg_norm, seed: int = 0):
 
 def _setup(model, components: dict | None = None):
     recipe = recipe_from_dict({"name": "unit", "data": {"source": "a"}, "components": components or {}})
-    return ComponentSetup(recipe=recipe, num_classes=NUM_CLASSES, ignore_index=255, device=torch.device("cpu"),
-                          model=model)
+    return component_setup(recipe, model, torch.device("cpu"))
 
 
 def _batch(seed: int = 0, n: int = 2, size=(32, 48)) -> DomainBatch:
@@ -378,8 +379,7 @@ def test_shipped_dg_recipes_build_their_models_and_components():
             num_classes = 19 if recipe.data.source == "gta5" else 8
             with torch.device("meta"):
                 model = build_model(recipe.model.name, num_classes, **recipe.model.options)
-            setup = ComponentSetup(recipe=recipe, num_classes=num_classes, ignore_index=255,
-                                   device=torch.device("cpu"), model=model)
+            setup = component_setup(recipe, model, torch.device("cpu"))
             build_components(recipe.components, setup, source=str(path))
             checked += 1
     assert checked == 7

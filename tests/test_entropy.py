@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from da_seg.engine.trainer import component_setup
 from da_seg.config import load_recipe, recipe_from_dict
 from da_seg.engine.trainer import Trainer
 from da_seg.methods import build_components
@@ -61,7 +62,7 @@ def _setup():
     torch.manual_seed(0)
     model = build_deeplab_small(4, width=4, multi_level=True, aspp_channels=8)
     recipe = recipe_from_dict({"name": "unit", "data": {"source": "a", "target": "b"}})
-    setup = ComponentSetup(recipe=recipe, num_classes=4, ignore_index=255, device=torch.device("cpu"), model=model)
+    setup = component_setup(recipe, model, torch.device("cpu"))
     ctx = StepContext(model=model, iteration=3, max_iters=10, source=None,
                       target=DomainBatch(torch.rand(2, 3, 32, 48)), autocast=nullcontext)
     return model, setup, ctx

@@ -5,8 +5,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from da_seg.engine.evaluate import evaluate, predict, recompute_batchnorm, sliding_windows
-from da_seg.engine.metrics import ConfusionMatrix
+from da_seg.engine.evaluate import evaluate, predict, recompute_batchnorm
+from da_seg.utils.windows import sliding_windows
+from da_seg.utils.metrics import ConfusionMatrix
 from da_seg.models.segmenter import InputNorm, Segmenter, SegmenterOutput
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix
 
-from da_seg.engine.metrics import ConfusionMatrix
+from da_seg.utils.metrics import ConfusionMatrix
 
 
 def _random_batch(generator, num_classes, shape=(2, 9, 11)):

@@ -12,17 +12,9 @@ from da_seg.config import ConfigError, load_recipe
 from da_seg.engine.checkpoint import load_checkpoint
 from da_seg.engine.trainer import Trainer
 from da_seg.methods.base import parse_options
-from da_seg.methods.self_training import (
-    MeanTeacher,
-    border_rows,
-    confidence_weight,
-    downscale_labels,
-    ema_alpha,
-    ema_update,
-    feature_distance,
-    set_teacher_mode,
-    weighted_pixel_ce,
-)
+from da_seg.methods.feature_distance import downscale_labels, feature_distance
+from da_seg.methods.self_training import MeanTeacher, border_rows, confidence_weight, weighted_pixel_ce
+from da_seg.methods.teacher import ema_alpha, ema_update, set_teacher_mode
 from da_seg.runs import find_runs, train
 
 MT = "[components.source_ce]\n[components.mean_teacher]\nthreshold = 0.6\n"
@@ -56,11 +48,9 @@ def test_ema_update_equals_the_formula():
 
 
 def test_teacher_train_mode_only_switches_off_dropout_and_droppath():
-    class DropPath(nn.Module):
-        def forward(self, x):
-            return x
+    from da_seg.models.segformer import DropPath
 
-    net = nn.Sequential(nn.BatchNorm2d(2), nn.Dropout2d(0.1), DropPath())
+    net = nn.Sequential(nn.BatchNorm2d(2), nn.Dropout2d(0.1), DropPath(0.1))
     set_teacher_mode(net, "train")
     assert net.training and net[0].training and not net[1].training and not net[2].training
     set_teacher_mode(net, "eval")

@@ -13,19 +13,22 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from da_seg.engine.trainer import component_setup
 from da_seg.cli import main
 from da_seg.config import ConfigError, load_recipe, recipe_from_dict
 from da_seg.data.domains import load_domain
 from da_seg.engine.checkpoint import load_checkpoint
 from da_seg.engine.evaluate import SoftmaxEnsemble, predict
-from da_seg.engine.trainer import Trainer, restore_model
+from da_seg.engine.checkpoint import restore_model
+from da_seg.engine.trainer import Trainer
 from da_seg.methods import build_components
 from da_seg.methods.base import ComponentSetup, DomainBatch, StepContext
-from da_seg.methods.style import fda_transfer, linear_decay, low_frequency_band
+from da_seg.methods.cyclegan import linear_decay
+from da_seg.methods.fda import fda_transfer, low_frequency_band
 from da_seg.models.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator, translate
 from da_seg.models.small import build_deeplab_small
 from da_seg.runs import find_runs, train
-from da_seg.translate import TranslationExistsError, run_translate
+from da_seg.stages.translate import TranslationExistsError, run_translate
 
 TINY_CYCLEGAN = "[components.cyclegan]\nngf = 8\nn_blocks = 2\nndf = 8\npool_size = 4\n"
 
@@ -84,8 +87,7 @@ NUM_CLASSES = 3
 def _setup(tmp_path=None, **options):
     recipe = recipe_from_dict({"name": "unit", "data": {"source": "a", "target": "b"}, "schedule": {"iters": 10}})
     model = build_deeplab_small(NUM_CLASSES, width=4, aspp_channels=8)
-    setup = ComponentSetup(recipe=recipe, num_classes=NUM_CLASSES, ignore_index=255, device=torch.device("cpu"),
-                           model=model)
+    setup = component_setup(recipe, model, torch.device("cpu"))
     (component,) = build_components({"cyclegan": {"ngf": 4, "n_blocks": 1, "ndf": 4, **options}}, setup)
     return component
 
@@ -163,7 +165,7 @@ def test_cycle_loss_decreases_and_segmenter_is_never_stepped(write_recipe):
     torch.manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4) * 255, size=(32, 32), mode="bilinear")
     one = {"image": smooth.to(torch.uint8), "label": torch.zeros(1, 32, 32).long(), "index": torch.zeros(1).long()}
-    trainer._source_iter = trainer._target_iter = iter(lambda: one, None)
+    trainer.source_stream._iterator = trainer.target_stream._iterator = iter(lambda: one, None)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     cycle = []
     for _ in range(6):
@@ -202,7 +204,7 @@ def test_translate_stage_writes_a_domain_that_recipes_train_on_by_name(write_rec
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     recipe_path = write_recipe(TINY_CYCLEGAN, iters=4, extra="eval_every = 2\ncheckpoint_every = 2",
-                               name="translate.toml")
+                               name="translate.toml", stage="translate")
     runs, descriptors, out = tmp_path / "runs", tmp_path / "descriptors", tmp_path / "data" / "translated"
     summary = run_translate(recipe_path, runs_root=runs, out=out, descriptor_dir=descriptors, progress=False)
     (run_dir,) = find_runs(runs, load_recipe(recipe_path))
@@ -315,8 +317,8 @@ def test_fda_component_changes_source_batch_before_the_forward(write_recipe):
         seen.setdefault("first", images.detach().clone())
         return original(images)
     trainer.model.forward = spy
-    source, target = trainer._next_batches()
-    trainer._next_batches = lambda: (DomainBatch(source.images.clone(), source.labels, source.indices), target)
+    source, target = trainer.next_batches()
+    trainer.next_batches = lambda: (DomainBatch(source.images.clone(), source.labels, source.indices), target)
     trainer.step()
     assert not torch.allclose(seen["first"], source.images)              # the forward saw FDA's images
     mean_in = seen["first"].mean(dim=(-2, -1))
@@ -349,12 +351,17 @@ def test_ensemble_of_one_checkpoint_three_times_equals_that_checkpoint(write_rec
 
 
 def test_sweep_runs_a_translation_recipe_once_whatever_the_seeds(write_recipe, tmp_path, monkeypatch):
-    import da_seg.translate
-    from da_seg.runs import sweep
+    import da_seg.stages.translate
+    from da_seg.stages import sweep
 
     calls = []
-    monkeypatch.setattr(da_seg.translate, "run_translate", lambda path, **kw: calls.append((path, kw["overrides"])))
-    recipe = write_recipe("[components.cyclegan]\n", name="translate.toml")
+
+    def fake_translate(path, **kw):
+        calls.append((path, kw["overrides"]))
+        return {"run_dir": str(tmp_path)}
+
+    monkeypatch.setattr(da_seg.stages.translate, "run_translate", fake_translate)
+    recipe = write_recipe("[components.cyclegan]\n", name="translate.toml", stage="translate")
     sweep([recipe], seeds=3, runs_root=tmp_path / "runs", progress=False)
     assert calls == [(recipe, ())]
 

@@ -9,7 +9,9 @@ import torch
 
 from da_seg.config import load_recipe
 from da_seg.engine.checkpoint import load_checkpoint
-from da_seg.engine.trainer import IncompatibleResumeError, NonFiniteLossError, Trainer
+from da_seg.engine.checkpoint import IncompatibleResumeError
+from da_seg.engine.logging import NonFiniteLossError
+from da_seg.engine.trainer import Trainer
 from da_seg.methods import METHODS
 from da_seg.methods.base import Component
 from da_seg.runs import find_runs, run_status, train
@@ -131,7 +133,7 @@ def test_oracle_trains_on_target_labels_only(write_recipe, tmp_path):
     trainer = Trainer(recipe, None, progress=False)
     assert not trainer.uses_source and trainer.uses_target and trainer.target_labels
     trainer.step()
-    assert trainer._source_iter is None
+    assert trainer.source_stream is None and trainer.target_stream.with_labels
 
 
 def test_unknown_method_and_model_list_valid_names(write_recipe):

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from da_seg.engine.visualize import (COLORMAP_POINTS, colorize, colormap, confusion_image,
+from da_seg.utils.visualize import (COLORMAP_POINTS, colorize, colormap, confusion_image,
                                      embedding_scatter, overlay, panel)
 
 COLORS = [(128, 64, 128), (244, 35, 232), (70, 70, 70)]

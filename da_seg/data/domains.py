@@ -28,7 +28,7 @@ UNKNOWN_POLICIES = ("ignore", "error")
 MISSING_LABEL_POLICIES = ("error", "skip")
 
 # Every key a descriptor may hold, per table. Anything else is an error.
-TOP_KEYS = ("name", "description", "root", "layout", "classes", "label", "splits")
+TOP_KEYS = ("name", "description", "root", "layout", "generator", "classes", "label", "splits")
 CLASSES_KEYS = ("preset", "names", "colors", "subsets")
 LABEL_KEYS = ("encoding", "channel", "rgb_map", "id_map", "ignore_values", "unknown")
 SPLIT_KEYS = ("images", "image_suffix", "labels", "label_suffix", "list", "missing_label", "exclude")
@@ -157,6 +157,7 @@ class Domain:
     ignore_index: int = IGNORE_INDEX
     layout: str = ""
     description: str = ""
+    generator: str = ""          # what made the files (da_seg.data.generated.GENERATORS), checked before training
     label: LabelSpec | None = field(default=None, repr=False)
     split_specs: Mapping[str, SplitSpec] = field(default_factory=dict, repr=False)
 
@@ -497,6 +498,7 @@ def parse_descriptor(path: Path) -> Domain:
     root = rd.get(data, "root", str, "", required=True)
     layout = rd.get(data, "layout", str, "", default="")
     description = rd.get(data, "description", str, "", default="")
+    generator = rd.get(data, "generator", str, "", default="")
 
     classes = rd.get(data, "classes", dict, "", required=True)
     _check_keys(classes, CLASSES_KEYS, "[classes]", path)
@@ -533,6 +535,7 @@ def parse_descriptor(path: Path) -> Domain:
         class_subsets=subsets,
         layout=layout,
         description=description,
+        generator=generator,
         label=label,
         split_specs=split_specs,
     )

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from da_seg.data.augment import to_float_images
-from da_seg.engine.visualize import embedding_scatter
+from da_seg.utils.visualize import embedding_scatter
 
 SOURCE_COLOR = (230, 120, 20)   # orange
 TARGET_COLOR = (30, 100, 220)   # blue

@@ -1,44 +1,36 @@
-"""Atomic checkpoints and complete training state (models, optimizers, RNG, iteration)."""
+"""Checkpoints: complete training state (models, optimizers, schedules, AMP scalers, RNG,
+components, evaluations), written atomically, and the trained segmenter rebuilt from one."""
 from __future__ import annotations
 
-import os
+import dataclasses
 import random
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
+from da_seg.config import Recipe, recipe_differences
+from da_seg.methods.base import Component
+from da_seg.methods.common import bare
+from da_seg.models import build_model
+from da_seg.models.segmenter import InputNorm, Segmenter
+from da_seg.utils.files import atomic_write
+
+# Recipe keys that may change between a run and its resume without changing what is trained.
+RESUME_SAFE_KEYS = {"train.log_every", "data.num_workers", "eval.max_panels", "eval.alignment_images",
+                    "description", "reference"}
+
+
+class IncompatibleResumeError(ValueError):
+    """The recipe given to --resume differs from the one the checkpoint was trained with."""
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A reader (or a run killed mid-write) sees either the previous complete file or the new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through a temporary file that replaces ``path`` only once complete."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -50,6 +42,53 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as err:  # a truncated or foreign file: say which
         raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
 
+
+# ---------------------------------------------------------------------------------------------
+# The segmenter
+
+def model_meta(model: Segmenter, recipe: Recipe, class_names: Sequence[str], colors: Sequence) -> dict[str, Any]:
+    """What it takes to rebuild the model for evaluation, input normalization included."""
+    return {"name": recipe.model.name, "options": dict(recipe.model.options), "num_classes": model.num_classes,
+            "input_norm": dataclasses.asdict(model.input_norm), "class_names": list(class_names),
+            "colors": [list(c) for c in colors]}
+
+
+def _set_input_norm(model: Segmenter, meta: dict[str, Any]) -> None:
+    # The input normalization is not a tensor: it travels in the checkpoint's model_meta.
+    norm = meta.get("input_norm")
+    if norm is not None:
+        model.input_norm = InputNorm(tuple(norm["mean"]), tuple(norm["std"]), norm["bgr"], norm["scale"])
+
+
+def restore_model(checkpoint: dict[str, Any], device: torch.device | str = "cpu") -> Segmenter:
+    """Rebuild a trained segmenter from a ``last.pt`` / ``best.pt`` dict (no pretrained file needed)."""
+    meta = checkpoint["model_meta"]
+    model = build_model(meta["name"], meta["num_classes"], **meta["options"])
+    model.load_state_dict(checkpoint["model"])
+    _set_input_norm(model, meta)
+    return model.to(device)
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Segmenter:
+    """A trained da_seg segmenter from a checkpoint file, in eval mode."""
+    return restore_model(load_checkpoint(Path(path)), device).eval()
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Start ``model`` from the segmenter weights (and input norm) of a da_seg checkpoint
+    (``[model] init_checkpoint``: the previous self-training round's model)."""
+    state = load_checkpoint(Path(checkpoint))
+    if "model" not in state:
+        raise ValueError(f"model.init_checkpoint = {str(checkpoint)!r}: not a da_seg checkpoint (no 'model' entry)")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"model.init_checkpoint = {str(checkpoint)!r} does not fit the recipe's model: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    _set_input_norm(model, state.get("model_meta", {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states, in weights_only-loadable types."""
@@ -80,3 +119,77 @@ def _to_lists(obj):
     if isinstance(obj, tuple):
         return [_to_lists(o) for o in obj]
     return obj
+
+
+def components_state(components: Sequence[Component]) -> dict[str, Any]:
+    return {c.name: {"networks": {k: bare(n).state_dict() for k, n in c.networks.items()},
+                     "optimizers": {k: o.state_dict() for k, o in c.optimizers.items()},
+                     "schedulers": {k: s.state_dict() for k, s in c.schedulers.items()},
+                     "extra": c.state_dict()} for c in components}
+
+
+def load_components_state(components: Sequence[Component], state: dict[str, Any]) -> None:
+    for component in components:
+        saved = state[component.name]
+        for k, net in component.networks.items():
+            bare(net).load_state_dict(saved["networks"][k])
+        for k, opt in component.optimizers.items():
+            opt.load_state_dict(saved["optimizers"][k])
+        for k, sched in component.schedulers.items():
+            sched.load_state_dict(saved["schedulers"][k])
+        component.load_state_dict(saved["extra"])
+
+
+def training_state(trainer) -> dict[str, Any]:
+    """Everything a run needs to continue exactly: a ``Trainer``'s models, optimizers, schedules,
+    AMP scalers, components, RNG, iteration (the loaders restart from it) and evaluations."""
+    source = trainer.source_domain
+    return {"iteration": trainer.iteration, "recipe": trainer.recipe.to_dict(),
+            "model_meta": model_meta(trainer.model, trainer.recipe, source.class_names, source.colors),
+            "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "side_scaler": trainer.side_scaler.state_dict(), "components": components_state(trainer.components),
+            "rng": rng_state(), "evaluations": trainer.evaluations, "best": trainer.best}
+
+
+def save_training_state(trainer, run_dir: Path, best: bool = False) -> None:
+    """``last.pt`` (the whole state) and, when ``best``, ``best.pt`` (the model alone)."""
+    state = training_state(trainer)
+    save_atomic(state, Path(run_dir) / "last.pt")
+    if best:
+        save_atomic({k: state[k] for k in ("iteration", "recipe", "model_meta", "model")}, Path(run_dir) / "best.pt")
+
+
+def restore_training_state(trainer, state: dict[str, Any]) -> None:
+    """The inverse of :func:`training_state`, into a freshly built ``Trainer``."""
+    trainer.model.load_state_dict(state["model"])
+    for name in ("optimizer", "scheduler", "scaler", "side_scaler"):
+        getattr(trainer, name).load_state_dict(state[name])
+    load_components_state(trainer.components, state["components"])
+    set_rng_state(state["rng"])
+    # Each rank continues its own stream: re-seed relative to the restored generator.
+    if trainer.dist.rank:
+        torch.manual_seed(torch.initial_seed() + trainer.dist.rank)
+    trainer.iteration, trainer.best = state["iteration"], state["best"]
+    trainer.evaluations = list(state["evaluations"])
+
+
+def check_resumable(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """Refuse to resume a checkpoint with a recipe that trains something else."""
+    old, new = state["recipe"], recipe.to_dict()
+    defaults = Recipe().to_dict()
+    # A key the checkpoint's da_seg did not have yet, at its default now, trains the same thing.
+    diffs = [k for k in recipe_differences(old, new) if k not in RESUME_SAFE_KEYS
+             and not (_get(old, k) is None and _get(new, k) == _get(defaults, k))]
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {_get(old, k)!r}, now {_get(new, k)!r}" for k in diffs[:8])
+        raise IncompatibleResumeError(f"cannot resume {path} with this recipe: it differs at {detail}. "
+                                      "Start a new run, or resume with the recipe the run was started with.")
+
+
+def _get(d: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d

@@ -4,7 +4,8 @@
 ("whole") or by overlapping windows ("slide"), optionally averaged with the horizontal flip.
 ``evaluate`` runs it over a loader and scores it with one ``ConfusionMatrix`` for the whole
 set (summed over ranks under torch.distributed). ``recompute_batchnorm`` is AdaBN: a copy
-of the model whose BatchNorm statistics come from target images.
+of the model whose BatchNorm statistics come from target images. ``Evaluator`` is what a
+training run scores and logs at each evaluation.
 """
 from __future__ import annotations
 
@@ -19,28 +20,20 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from da_seg.engine.metrics import ConfusionMatrix, SegMetrics
+import numpy as np
+
+from da_seg.data.augment import to_float_images
+from da_seg.data.datasets import SegmentationDataset
+from da_seg.data.domains import Domain
+from da_seg.data.loaders import eval_loader, infinite_loader
+from da_seg.engine.alignment import alignment_image
 from da_seg.models.segmenter import upsample_logits
+from da_seg.utils.metrics import ConfusionMatrix, SegMetrics
+from da_seg.utils.progress import Progress
+from da_seg.utils.visualize import confusion_image, panel
+from da_seg.utils.windows import sliding_windows
 
 PREDICT_MODES = ("whole", "slide")
-
-
-def sliding_windows(size: tuple[int, int], crop: tuple[int, int],
-                    stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
-    """Windows ``(top, left, bottom, right)`` of ``crop`` (clipped to ``size``) every ``stride``.
-
-    The last window in each direction is shifted back to end at the border, so every pixel
-    is covered whatever the image size; all windows have the same shape.
-    """
-    axes = []
-    for length, window, step in zip(size, crop, stride):
-        if window <= 0 or step <= 0:
-            raise ValueError(f"crop {tuple(crop)} and stride {tuple(stride)} must be positive")
-        window = min(window, length)
-        count = -(-(length - window) // step) + 1  # ceil division
-        axes.append((sorted({min(i * step, length - window) for i in range(count)}), window))
-    (tops, crop_h), (lefts, crop_w) = axes
-    return [(y, x, y + crop_h, x + crop_w) for y in tops for x in lefts]
 
 
 class SoftmaxEnsemble(nn.Module):
@@ -235,3 +228,109 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[Tensor],
     if seen == 0:
         raise ValueError("recompute_batchnorm got no batches; BatchNorm statistics would be empty")
     return adapted
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation during training
+
+class Evaluator:
+    """What a run scores at each evaluation: every val domain (and the source val split at the
+    end), with TensorBoard scalars, confusion matrices, panels and the alignment probe.
+
+    The *primary* score of a run is the mean over its val domains when it has several (domain
+    generalization), else its one val domain (the target).
+    """
+
+    def __init__(self, recipe, *, source: Domain, target: Domain | None, val_domains: Sequence[Domain],
+                 device: torch.device, amp_dtype, logger, dist, progress: bool):
+        self.recipe, self.source, self.target = recipe, source, target
+        self.val_domains = list(val_domains)
+        self.device, self.amp_dtype, self.logger, self.dist = device, amp_dtype, logger, dist
+        self.show_progress = progress
+        self.class_names = source.class_names
+
+    @property
+    def primary_domain(self) -> str:
+        return "mean" if len(self.val_domains) > 1 else (self.val_domains[0].name if self.val_domains else "")
+
+    def primary(self, record: dict | None) -> float | None:
+        if not record or not self.primary_domain:
+            return None
+        return record["domains"].get(self.primary_domain, {}).get("miou")
+
+    def __call__(self, model: nn.Module, iteration: int, final: bool) -> dict:
+        """Evaluate, log, and return the record ``{"iteration", "domains": {name: metrics}}``."""
+        ev, data = self.recipe.eval, self.recipe.data
+        if ev.adabn and self.val_domains:
+            model = recompute_batchnorm(model, self._adabn_batches(), ev.adabn_batches)
+        record: dict = {"iteration": iteration, "domains": {}}
+        domains = list(self.val_domains)
+        if final and self.val_domains and self.source.name not in {d.name for d in domains} \
+                and data.val_split in self.source.splits:
+            domains.append(self.source)
+        scalars: dict[str, float] = {}
+        for domain in domains:
+            metrics = self._evaluate_domain(model, domain, iteration)
+            record["domains"][domain.name] = metrics.to_json()
+            scalars[f"eval/{domain.name}/mIoU"] = metrics.miou
+            scalars[f"eval/{domain.name}/pixel_accuracy"] = metrics.pixel_accuracy
+            for subset, value in metrics.subsets.items():
+                scalars[f"eval/{domain.name}/mIoU_{subset}"] = value
+            for name, iou in zip(self.class_names, metrics.iou):
+                scalars[f"eval/{domain.name}/IoU/{name}"] = iou
+        if self.dist.is_main and ev.alignment_images > 0 and self.target is not None and self.val_domains:
+            self._log_alignment(model, iteration)
+        if len(self.val_domains) > 1:
+            values = [record["domains"][d.name]["miou"] for d in self.val_domains
+                      if record["domains"][d.name]["miou"] is not None]
+            record["domains"]["mean"] = {"miou": float(np.mean(values)) if values else None}
+            scalars["eval/mean/mIoU"] = record["domains"]["mean"]["miou"] or float("nan")
+        if self.val_domains:
+            scalars["eval/mIoU"] = self.primary(record) or float("nan")
+        self.logger.scalars(scalars, iteration)
+        self.logger.flush()
+        return record
+
+    def _evaluate_domain(self, model: nn.Module, domain: Domain, iteration: int) -> SegMetrics:
+        ev, data = self.recipe.eval, self.recipe.data
+        dataset = SegmentationDataset(domain, data.val_split, with_labels=True, size=data.val_size)
+        loader = eval_loader(dataset, ev.batch_size, data.num_workers, self.dist.rank, self.dist.world_size)
+        bar = Progress(len(loader), f"eval {domain.name}", enabled=self.show_progress, every_s=30)
+        result = evaluate(model, loader, num_classes=self.source.num_classes, device=self.device,
+                          class_subsets=domain.class_subsets, mode=ev.mode, input_size=ev.input_size,
+                          crop=ev.crop, stride=ev.stride, flip=ev.flip, amp_dtype=self.amp_dtype,
+                          max_panels=ev.max_panels, progress=lambda done, total: bar.update(done))
+        bar.close()
+        if self.dist.is_main:
+            self.logger.image(f"confusion/{domain.name}", confusion_image(result.confusion), iteration)
+            if result.panels:
+                rows = [panel(img, pred, gt, domain.colors) for img, pred, gt in result.panels]
+                self.logger.image(f"panels/{domain.name}", torch.cat(rows, dim=1), iteration)
+        return result.metrics
+
+    def _log_alignment(self, model: nn.Module, iteration: int) -> None:
+        """Do source and target outputs overlap? A PCA scatter of per-pixel softmax vectors from a few
+        source-val and target-val images, and a domain classifier's accuracy (50 = aligned)."""
+        n, split = self.recipe.eval.alignment_images, self.recipe.data.val_split
+        if split not in self.source.splits:
+            return
+        batches = []
+        for domain in (self.source, self.val_domains[0]):
+            dataset = SegmentationDataset(domain, split, with_labels=False, size=self.recipe.data.val_size)
+            images = [dataset[i]["image"] for i in range(min(n, len(dataset)))]
+            if len({tuple(im.shape) for im in images}) != 1:  # mixed sizes: not worth resizing here
+                return
+            batches.append(torch.stack(images).to(self.device))
+        result = alignment_image(model, batches[0], batches[1], kind="output", method="pca",
+                                 seed=self.recipe.train.seed)
+        self.logger.image("alignment/output_pca", result.image, iteration)
+        self.logger.scalars({"alignment/output_separability": result.separability}, iteration)
+
+    def _adabn_batches(self):
+        if self.target is None:
+            raise ValueError("eval.adabn needs data.target (the images whose statistics to use)")
+        data = self.recipe.data
+        dataset = SegmentationDataset(self.target, data.target_split, with_labels=False, size=data.target_size)
+        loader = infinite_loader(dataset, data.batch_size, seed=12345, num_workers=data.num_workers)
+        for _ in range(self.recipe.eval.adabn_batches):
+            yield to_float_images(next(loader)["image"].to(self.device))

@@ -1,8 +1,7 @@
-"""The only place that writes TensorBoard events, and the console progress line."""
+"""The only place that writes TensorBoard events, and the loss meter of the training loop."""
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -58,61 +57,74 @@ class RunLogger:
             self.writer.close()
 
 
-class Progress:
-    """A one-line progress bar: iteration, it/s, ETA and the latest values.
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or inf; the run stops and the last good checkpoint stays as it was."""
 
-    Redrawn in place on a terminal; on a pipe or file (CI, nohup) it prints a line at most
-    every ``every_s`` seconds so logs stay readable.
+
+class LossMeter:
+    """Named values of the training steps, summed on the device between two reads.
+
+    One device->host copy per ``flush`` (every ``train.log_every`` steps, and before every
+    checkpoint): no host-device sync per step. That read is also where a NaN/inf loss is caught.
     """
 
-    def __init__(self, total: int, desc: str, start: int = 0, enabled: bool = True, every_s: float = 10.0,
-                 stream=None):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start_count, self.count = start, start
-        self.t0 = self.last_print = time.perf_counter()
-        self.every_s = every_s
-        self.info: dict[str, float] = {}
+    def __init__(self, device: torch.device, iteration: int = 0):
+        self.device = device
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._window_start = iteration
+        self._time = time.perf_counter()
 
-    def update(self, count: int, info: dict[str, float] | None = None, force: bool = False) -> None:
-        self.count = count
-        if info:
-            self.info = info
-        if not self.enabled:
-            return
+    def add(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            value = value.to(self.device)
+            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+        self._count += 1
+
+    def flush(self, iteration: int) -> dict[str, float]:
+        """Means since the last flush, plus ``time/step_s``; {} when nothing was added.
+
+        Raises NonFiniteLossError naming the terms when a ``loss/`` or ``side/`` mean is not finite.
+        """
+        if self._count == 0:
+            return {}
+        names = list(self._sums)
+        means = dict(zip(names, (torch.stack([self._sums[n] for n in names]) / self._count).tolist()))
+        bad = [n for n in names if n.startswith(("loss/", "side/")) and n != "loss/total"
+               and not math.isfinite(means[n])]
+        if bad or not math.isfinite(means.get("loss/total", 0.0)):
+            terms = ", ".join(f"{n.split('/', 1)[1]}={means[n]}" for n in bad) or f"total={means['loss/total']}"
+            raise NonFiniteLossError(f"non-finite loss between iterations {self._window_start + 1} and {iteration}: "
+                                     f"{terms}.")
         now = time.perf_counter()
-        if not force and not self.tty and now - self.last_print < self.every_s:
-            return
-        if not force and self.tty and now - self.last_print < 0.2:
-            return
-        self.last_print = now
-        self.stream.write(("\r" if self.tty else "") + self.line(now) + ("" if self.tty else "\n"))
-        self.stream.flush()
-
-    def line(self, now: float | None = None) -> str:
-        now = time.perf_counter() if now is None else now
-        done = self.count - self.start_count
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-        width = 20
-        filled = int(width * self.count / max(self.total, 1))
-        values = " ".join(f"{k}={v:.4g}" for k, v in self.info.items())
-        return (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} "
-                f"{rate:.2f} it/s ETA {_fmt_time(eta)} {values}")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.update(self.count, force=True)
-            if self.tty:
-                self.stream.write("\n")
-                self.stream.flush()
+        means["time/step_s"] = (now - self._time) / max(iteration - self._window_start, 1)
+        self._sums, self._count = {}, 0
+        self._window_start, self._time = iteration, now
+        return means
 
 
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+def write_hparams(run_dir: Path, recipe, metrics: dict[str, float]) -> None:
+    """The run's HParams record: who it is (recipe, seed, components, model ...) and its scores."""
+    params = {"recipe": recipe.name, "source": recipe.data.source, "target": recipe.data.target,
+              "model": recipe.model.name, "components": "+".join(recipe.components), "seed": recipe.train.seed,
+              "iters": recipe.schedule.iters, "optim": recipe.optim.name, "lr": recipe.optim.lr,
+              "batch_size": recipe.data.batch_size}
+    logger = RunLogger(run_dir)
+    logger.hparams(params, metrics)
+    logger.close()
+
+
+def run_metrics(trainer) -> dict[str, Any]:
+    """The run's ``metrics.json`` record: who it is, how far it got, every evaluation, last and best."""
+    recipe, ev = trainer.recipe, trainer.evaluator
+    return {
+        "recipe": recipe.name, "source": trainer.source_domain.name,
+        "target": trainer.target_domain.name if trainer.target_domain else "",
+        "seed": recipe.train.seed, "iterations": recipe.schedule.iters,
+        "iteration": trainer.iteration, "finished": trainer.status == "finished", "status": trainer.status,
+        "primary_domain": ev.primary_domain, "val_domains": [d.name for d in ev.val_domains],
+        "class_names": list(trainer.source_domain.class_names), "components": list(recipe.components),
+        "model": recipe.model.name, "evaluations": trainer.evaluations,
+        "last": trainer.evaluations[-1] if trainer.evaluations else None, "best": trainer.best,
+    }

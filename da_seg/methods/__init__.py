@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from da_seg.config import ConfigError, Recipe, UnknownNameError
 from da_seg.methods.adversarial import AdaptSegNet, AdvEnt
 from da_seg.methods.base import Component, ComponentSetup, parse_options
 from da_seg.methods.cbst import PseudoLabelCE
+from da_seg.methods.cyclegan import CycleGAN
 from da_seg.methods.entropy import MinEnt
-from da_seg.methods.generalization import InstanceSelectiveWhitening, SanSaw
+from da_seg.methods.fda import FDA
+from da_seg.methods.isw import InstanceSelectiveWhitening
+from da_seg.methods.san_saw import SanSaw
 from da_seg.methods.self_training import MeanTeacher
 from da_seg.methods.source import SourceCE, TargetBatchNorm, TargetCE
-from da_seg.methods.style import FDA, CycleGAN
 
 METHODS: dict[str, type[Component]] = {
     SourceCE.name: SourceCE,
@@ -28,15 +31,42 @@ METHODS: dict[str, type[Component]] = {
 }
 
 
+def method_class(name: str, source: str = "recipe") -> type[Component]:
+    if name not in METHODS:
+        raise UnknownNameError(f"{source}: unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def validate(recipe: Recipe, source: str | None = None) -> dict[str, Any]:
+    """Parse every component table of ``recipe`` (names and option values); returns name -> options.
+
+    Runs when a recipe is loaded, before any network is built, so that a recipe whose components
+    cannot be built never starts a run.
+    """
+    source = source or recipe.name
+    if not recipe.components:
+        raise ConfigError(f"{source}: the recipe lists no [components]; valid: {', '.join(sorted(METHODS))}")
+    parsed = {}
+    for name, raw in recipe.components.items():
+        cls = method_class(name, source)
+        if cls.stage and cls.stage != recipe.stage:
+            raise ConfigError(f"{source}: components.{name} runs in the {cls.stage} stage only; set "
+                              f"stage = \"{cls.stage}\" at the top of the recipe (it is stage = \"{recipe.stage}\")")
+        parsed[name] = parse_options(cls, raw or {}, source)
+    return parsed
+
+
 def build_components(table: dict[str, dict[str, Any]], setup: ComponentSetup,
                      source: str = "recipe") -> list[Component]:
     """Instantiate the recipe's components in the order they are listed."""
     if not table:
-        raise KeyError(f"{source}: the recipe lists no [components]; valid: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"{source}: the recipe lists no [components]; valid: {', '.join(sorted(METHODS))}")
     components = []
     for name, raw in table.items():
-        if name not in METHODS:
-            raise KeyError(f"{source}: unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
-        cls = METHODS[name]
-        components.append(cls(parse_options(cls, raw or {}, source), setup))
+        cls = method_class(name, source)
+        options = parse_options(cls, raw or {}, source)
+        try:
+            components.append(cls(options, setup))
+        except ConfigError as err:  # what only the built model can tell (missing DG blocks ...)
+            raise ConfigError(f"{source}: {err}") from None
     return components

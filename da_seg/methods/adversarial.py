@@ -22,19 +22,16 @@ output-space components costs one segmenter forward per domain.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 
-from da_seg.config import ConfigError
 from da_seg.methods.base import Component, ComponentSetup, StepContext
-from da_seg.methods.entropy import (check_nonnegative, entropy_visual, level_suffix, output_levels, softmax_at,
-                                    warmup_ramp, weighted_self_information)
+from da_seg.methods.common import (bare, check_choice, check_nonnegative, check_pair, check_positive_int, frozen,
+                                   level_suffix, output_levels, poly_schedule, softmax_at, warmup_ramp)
+from da_seg.methods.entropy import entropy_visual, weighted_self_information
 from da_seg.models.discriminator import FCDiscriminator
 
 SOURCE_LABEL = 0.0
@@ -57,31 +54,10 @@ def adversarial_loss(scores: Tensor, label: float, kind: str) -> Tensor:
     raise ValueError(f"adversarial loss {kind!r}; valid: {ADVERSARIAL_LOSSES}")
 
 
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """Parameters of ``module`` stop requiring grad inside the block (restored after), so a loss
-    computed through it sends gradient to its *inputs* only."""
-    params = list(module.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
-def bare(net: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
-    return net.module if isinstance(net, DistributedDataParallel) else net
 
 
-def poly_schedule(total: int, power: float):
-    """LR multiplier of the official codes' ``lr_poly``: (1 - it / total) ** power, floored at 0."""
-    def factor(iteration: int) -> float:
-        return max(0.0, 1.0 - iteration / total) ** power
-    return factor
 
 
 @dataclass(frozen=True)
@@ -95,6 +71,12 @@ class AdversarialOptions:
     d_betas: tuple[float, float] = (0.9, 0.99)
     warmup_iters: int = 0            # linear ramp of the adversarial weights from 0 (D trains throughout)
 
+    def __post_init__(self):
+        check_nonnegative(self, ("weight", "aux_weight", "d_lr", "warmup_iters"))
+        check_choice(self, "loss", ADVERSARIAL_LOSSES)
+        check_positive_int(self, ("ndf",))
+        check_pair(self, "d_betas", "[beta1, beta2]")
+
 
 class OutputSpaceAdversarial(Component):
     """Shared mechanics; subclasses choose what the discriminator sees (``discriminator_input``)."""
@@ -106,23 +88,13 @@ class OutputSpaceAdversarial(Component):
     def __init__(self, options: AdversarialOptions, setup: ComponentSetup):
         super().__init__(options, setup)
         self.where = f"components.{self.name}"
-        where = f"recipe {setup.recipe.name!r}: {self.where}"
-        check_nonnegative(options, ("weight", "aux_weight", "d_lr", "warmup_iters"), where)
-        if options.loss not in ADVERSARIAL_LOSSES:
-            raise ConfigError(f"{where}.loss = {options.loss!r}; valid: {', '.join(ADVERSARIAL_LOSSES)}")
-        if not isinstance(options.ndf, int) or options.ndf < 1:
-            raise ConfigError(f"{where}.ndf = {options.ndf!r}; expected a positive integer")
-        if len(options.d_betas) != 2:
-            raise ConfigError(f"{where}.d_betas = {options.d_betas!r}; expected [beta1, beta2]")
-        schedule = setup.recipe.schedule
-        lr_factor = poly_schedule(schedule.poly_iters or schedule.iters, schedule.poly_power)
+        lr_factor = poly_schedule(setup.decay_iters, setup.poly_power)
         self.levels = ["main", "aux"] if options.multi_level else ["main"]
         self.weights = {"main": options.weight, "aux": options.aux_weight}
         for level in self.levels:
             key = self.key(level)
             discriminator = FCDiscriminator(setup.num_classes, options.ndf).to(setup.device)
-            optimizer = torch.optim.Adam(discriminator.parameters(), lr=options.d_lr,
-                                         betas=tuple(float(b) for b in options.d_betas))
+            optimizer = torch.optim.Adam(discriminator.parameters(), lr=options.d_lr, betas=options.d_betas)
             self.networks[key] = discriminator
             self.optimizers[key] = optimizer
             self.schedulers[key] = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)

@@ -3,18 +3,21 @@
 A component never owns a loop and never calls ``backward()`` or ``optimizer.step()``:
 - ``prepare_batches(ctx)``: optional; changes the step's batches in place before any forward
   (FDA's spectrum swap); components run it in recipe order;
-- ``losses(ctx)``: weighted terms that train the segmenter, by name;
+- ``losses(ctx)``: weighted terms that train the segmenter, by name (none: the segmenter is not
+  stepped, as for the CycleGAN translator, which trains only its own networks);
 - ``side_losses(ctx)``: terms that train the component's *own* networks (a discriminator),
   computed after the segmenter step on detached outputs; the trainer backpropagates them and
   steps the component's optimizers;
 - ``after_step(ctx)``: gradient-free updates (EMA teacher, bookkeeping); returns scalars to log;
 - ``visuals(ctx)``: images to log at evaluation time, from the latest step.
-A component that trains only its own networks (the CycleGAN translator) sets
-``trains_segmenter = False``; with no component training it, the trainer neither steps nor
-evaluates the segmenter.
 Networks, optimizers and schedulers a component owns go in ``self.networks``,
 ``self.optimizers`` and ``self.schedulers``: the trainer moves, wraps, checkpoints and resumes
 them, so AMP, DDP, checkpointing and LR logging stay generic.
+
+A component sees a :class:`ComponentSetup` (classes, device, the bare segmenter, the schedule
+length), never the recipe; its options are a frozen dataclass that checks every value when it
+is built, so a recipe is validated when it is loaded (``da_seg.methods.validate``), before any
+network exists.
 """
 from __future__ import annotations
 
@@ -26,8 +29,20 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from da_seg.config import ConfigError, Recipe, check_keys
+from da_seg.config import ConfigError, check_keys
 from da_seg.models.segmenter import SegmenterOutput
+
+
+class OptionError(ConfigError):
+    """An invalid component option, raised by an options dataclass; the message names the key.
+
+    ``parse_options`` turns it into ``<file>: components.<method>.<key> ...``, so options need not
+    know which recipe or which method they belong to.
+    """
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"{key} {detail}")
+        self.key, self.detail = key, detail
 
 
 @dataclass
@@ -77,27 +92,54 @@ class StepContext:
             return self.model(images)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ComponentSetup:
-    """What a component may know when it is built."""
+    """What a component may know when it is built: no recipe, only what methods need."""
 
-    recipe: Recipe
     num_classes: int
-    ignore_index: int
     device: torch.device
-    model: nn.Module          # the bare segmenter (not DDP-wrapped)
+    model: nn.Module                               # the bare segmenter (not DDP-wrapped)
+    ignore_index: int = 255
     class_names: tuple[str, ...] = ()
+    class_colors: tuple[tuple[int, int, int], ...] = ()
+    model_name: str = ""                           # for messages ("model 'deeplab_small' has ...")
+    iterations: int = 1000                         # schedule.iters: the length of this run
+    poly_iters: int = 0                            # length of the poly LR decay; 0 = iterations
+    poly_power: float = 0.9
+    # The recipe's segmenter built afresh with some options changed (DAFormer's frozen ImageNet
+    # model: ``build_segmenter(pretrained=path)``), and a trained da_seg segmenter read from a
+    # checkpoint file (CyCADA's frozen source model). None where no trainer provides them.
+    build_segmenter: Callable[..., nn.Module] | None = None
+    load_trained: Callable[[str], nn.Module] | None = None
+
+    @property
+    def decay_iters(self) -> int:
+        return self.poly_iters or self.iterations
+
+    def palette(self) -> list[list[int]]:
+        """Class colours for visuals; a fixed random palette when the domain gave none."""
+        if self.class_colors:
+            return [list(c) for c in self.class_colors]
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (self.num_classes, 3), generator=g).tolist()
 
 
 class Component:
-    """Base class. Subclasses set ``name``, an options dataclass ``Options`` and what they use."""
+    """Base class. Subclasses set ``name``, an options dataclass ``Options`` and what they use.
+
+    ``stage``: the one stage whose recipes may list it (``da_seg.stages``), "" for any.
+    ``uses_target_labels``: the component reads target label files, ``"ground_truth"`` (the
+    oracle) or ``"pseudo"`` (a pseudo-labelled domain written by a self-training stage: the
+    trainer refuses a target that is not one, which would silently make it the oracle).
+    """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = type("Options", (), {})
     uses_source: ClassVar[bool] = False
     uses_target: ClassVar[bool] = False
-    uses_target_labels: ClassVar[bool] = False
-    trains_segmenter: ClassVar[bool] = True
+    uses_target_labels: ClassVar[str] = ""
+    # The stage this component only makes sense in ("translate": the CycleGAN translator); "" = any.
+    stage: ClassVar[str] = ""
 
     def __init__(self, options: Any, setup: ComponentSetup):
         self.options = options
@@ -131,11 +173,16 @@ class Component:
         pass
 
 
-def parse_options(cls: type[Component], raw: dict[str, Any], source: str = "recipe"):
-    """Build ``cls.Options`` from a recipe table; unknown keys fail with the closest valid one."""
+def parse_options(cls: type[Component], raw: dict[str, Any], source: str | None = None):
+    """Build ``cls.Options`` from a recipe table; unknown keys fail with the closest valid one,
+    invalid values with the key and what was expected (checked by the options dataclass)."""
     valid = [f.name for f in dataclasses.fields(cls.Options)]
-    check_keys(raw, valid, f"components.{cls.name}.", source)
+    where = f"components.{cls.name}."
+    prefix = f"{source}: " if source else ""
+    check_keys(raw, valid, where, source or "recipe")
     try:
         return cls.Options(**raw)
+    except OptionError as err:
+        raise ConfigError(f"{prefix}{where}{err.key} {err.detail}") from None
     except TypeError as err:
-        raise ConfigError(f"{source}: components.{cls.name}: {err}") from err
+        raise ConfigError(f"{prefix}components.{cls.name}: {err}") from err

@@ -1,9 +1,10 @@
 """Class-balanced self-training (CBST, Zou et al., ECCV 2018; CRST code): offline pseudo-labels.
 
-A round (driven by ``da_seg.selftrain.run_rounds``) predicts every target train image, computes one
-confidence threshold per class over the whole set, writes the pseudo-labels as a new *labelled*
-domain (8-bit PNGs + a descriptor whose images stay in the original target root), and trains on
-source + that domain with ``pseudo_ce``.
+Everything that decides a pseudo-label is here: prediction (multi-scale, flip), per-class
+confidence samples, class-balanced thresholds, selection, and :func:`label_target_set`, the two
+passes over a target set that write them. A round of the ``self_train`` stage
+(``da_seg/stages/self_train.py``) calls it, then trains on source + the pseudo-labelled domain
+(``da_seg/data/pseudo_labels.py``) with ``pseudo_ce``.
 
 Class-balanced thresholds (REFERENCE.md, CRST ``kc_parameters``): per class c, sort the max-prob of
 the pixels predicted c in descending order; ``k_c`` is the value at index ``floor(n_c * p) - 1``,
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,12 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from da_seg.config import ConfigError
-from da_seg.methods.base import Component, ComponentSetup, StepContext
-from da_seg.methods.source import segmentation_ce
+from da_seg.methods.base import Component, StepContext
+from da_seg.methods.source import CrossEntropyOptions, segmentation_ce
 
 IGNORE_INDEX = 255
-MARKER = "pseudo_labels.json"   # written beside the pseudo-label PNGs; pseudo_ce refuses a target without it
 DEFAULT_CAP = 2_000_000
 
 
@@ -161,138 +159,107 @@ def predict_probabilities(model: nn.Module, image: Tensor, out_size: tuple[int, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing a pseudo-labelled domain
-
-def write_label_png(label: np.ndarray, path: Path) -> None:
-    """(H, W) uint8 train ids -> 8-bit grayscale PNG, written to a hidden temp file then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _toml_value(value) -> str:
-    """Strings, numbers and lists of them as TOML (JSON's escapes and arrays are valid TOML)."""
-    return json.dumps(value)
-
-
-def pseudo_domain_descriptor(name: str, target, split: str, labels_dir: Path, description: str) -> str:
-    """TOML of a domain whose ``train`` split holds the images of ``target``'s ``split`` (same root,
-    folder, suffix, list and exclusions) and the pseudo-labels in ``labels_dir`` (absolute path)."""
-    spec = target.split_spec(split)
-    lines = [f"name = {_toml_value(name)}", f"description = {_toml_value(description)}",
-             f"root = {_toml_value(str(target.root))}",
-             f"layout = {_toml_value('pseudo-labels of ' + target.name + ' ' + split + ': ' + (target.layout or ''))}",
-             "", "[classes]", f"names = {_toml_value(list(target.class_names))}",
-             f"colors = {_toml_value([list(c) for c in target.colors])}"]
-    if target.class_subsets:
-        lines += ["", "[classes.subsets]"]
-        lines += [f"{_toml_value(k)} = {_toml_value(list(v))}" for k, v in target.class_subsets.items()]
-    lines += ["", "[label]", 'encoding = "index"', 'unknown = "error"',
-              "", "[splits.train]", f"images = {_toml_value(spec.images)}",
-              f"image_suffix = {_toml_value(spec.image_suffix)}", f"labels = {_toml_value(str(labels_dir))}",
-              'label_suffix = ".png"']
-    if spec.list:
-        lines.append(f"list = {_toml_value(spec.list)}")
-    if spec.exclude:
-        lines.append(f"exclude = {_toml_value(list(spec.exclude))}")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
 # The training component
 
-@dataclass(frozen=True)
-class PseudoCEOptions:
-    weight: float = 1.0
-    aux_weight: float = 0.1
-    label_smoothing: float = 0.0
-    # Weights the segmenter starts from (a da_seg last.pt / best.pt): the previous round's model.
-    # Set by `da-seg self-train`; loaded when the component is built, before any --resume restores
-    # the run's own checkpoint. List pseudo_ce before components that copy the segmenter (mean_teacher).
-    init_checkpoint: str = ""
-    # The rounds schedule, read by `da-seg self-train` (the component itself does not use it).
-    rounds: int = 3
-    portion_start: float = 0.2
-    portion_step: float = 0.05
-    portion_max: float = 0.5
-    scales: tuple[float, ...] = (1.0,)     # prediction input scales (x data.target_size or the file's size)
-    flip: bool = False                     # average with the flipped prediction
-    confidence_cap: int = DEFAULT_CAP      # per-class confidences kept for the thresholds
-    warmup_recipe: str = ""                # round 0 model: this recipe's run (same seed), relative to the recipe file
-
-    def __post_init__(self):
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        where = "components.pseudo_ce."
-        if not self.scales or min(self.scales) <= 0:
-            raise ConfigError(f"{where}scales = {list(self.scales)!r}; expected positive factors, e.g. [1.0]")
-        for key in ("portion_start", "portion_max"):
-            if not 0.0 < getattr(self, key) <= 1.0:
-                raise ConfigError(f"{where}{key} = {getattr(self, key)!r}; expected a portion in (0, 1]")
-        if self.rounds < 1 or self.confidence_cap < 1:
-            raise ConfigError(f"{where}rounds and confidence_cap must be >= 1")
-
-
 class PseudoLabelCE(Component):
-    """Cross-entropy on a pseudo-labelled target domain written by ``da-seg self-train``.
+    """Cross-entropy on a pseudo-labelled target domain written by the ``self_train`` stage.
 
-    It reads target *label files*, so it refuses a target domain that has no pseudo-label marker
-    (``pseudo_labels.json`` in the labels folder): on a real labelled target it would be the oracle.
+    It reads target *label files*, so the trainer refuses a target domain that has no pseudo-label
+    marker (``uses_target_labels = "pseudo"``): on a real labelled target it would be the oracle.
+    The round's starting weights are the recipe's ``model.init_checkpoint``.
     """
 
     name = "pseudo_ce"
-    Options = PseudoCEOptions
+    Options = CrossEntropyOptions
     uses_target = True
-    uses_target_labels = True
-
-    def __init__(self, options: PseudoCEOptions, setup: ComponentSetup):
-        super().__init__(options, setup)
-        check_pseudo_labelled(setup.recipe.data.target, setup.recipe.data.target_split)
-        if options.init_checkpoint:
-            load_segmenter_weights(setup.model, options.init_checkpoint)
+    uses_target_labels = "pseudo"
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         return segmentation_ce(ctx.target_out, ctx.target.labels, self.options, self.setup.ignore_index)
 
 
-def check_pseudo_labelled(target: str, split: str) -> Path:
-    """The marker file of a pseudo-labelled domain's ``split``; a clear error when there is none."""
-    from da_seg.data.domains import load_domain
+# ---------------------------------------------------------------------------------------------
+# A round's pseudo-labels for a whole target set
 
-    if not target:
-        raise ConfigError("components.pseudo_ce needs data.target: a pseudo-labelled domain written by "
-                          "`da-seg self-train`")
-    domain = load_domain(target)
-    spec = domain.split_spec(split)
-    marker = domain.root / (spec.labels or "") / MARKER
-    if spec.labels is None or not marker.is_file():
-        raise ConfigError(
-            f"components.pseudo_ce trains on the label files of data.target = {target!r}, but its split "
-            f"{split!r} is not a pseudo-labelled domain (no {marker}); on real target labels this would "
-            "be the oracle. Run this recipe with `da-seg self-train RECIPE`, which writes pseudo-labels "
-            "each round and points data.target at them.")
-    return marker
+@dataclass(frozen=True)
+class LabellingOptions:
+    """How a round predicts (the ``[self_train]`` table of the stage)."""
+
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    confidence_cap: int = DEFAULT_CAP
+    num_workers: int = 0
+    seed: int = 0
 
 
-def load_segmenter_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """Load the segmenter weights of a da_seg checkpoint (``last.pt`` / ``best.pt``) into ``model``."""
-    from da_seg.engine.checkpoint import load_checkpoint
+def label_target_set(model: nn.Module, dataset, labels_dir: Path, portion: float, options: LabellingOptions, *,
+                     thresholds_file: Path, device: torch.device, autocast: Callable[[], Any] | None = None,
+                     progress: bool = True, desc: str = "pseudo-labels") -> dict[str, Any]:
+    """Passes 1 and 2 over ``dataset`` (a SegmentationDataset without labels): class-balanced
+    thresholds from every image's confidences, then the selected labels as 8-bit PNGs
+    ``labels_dir/<sample name>.png`` at each image's native size.
 
-    state = load_checkpoint(Path(checkpoint))
-    if "model" not in state:
-        raise ValueError(f"{checkpoint}: not a da_seg checkpoint (no 'model' entry)")
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint} does not fit the recipe's model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    # The input normalization is not a tensor: it travels in the checkpoint's model_meta.
-    norm = state.get("model_meta", {}).get("input_norm")
-    if norm is not None:
-        from da_seg.models.segmenter import InputNorm
+    Two passes instead of storing C x H x W probability maps for the whole set (160 MB per
+    Cityscapes image). Resumable: ``thresholds_file`` is reused when it exists, PNGs already
+    written are counted, not predicted again. Returns thresholds and per-class labelled shares.
+    """
+    from da_seg.data.augment import to_float_images
+    from da_seg.data.pseudo_labels import write_label_png
+    from da_seg.utils.files import write_json_atomic
+    from da_seg.utils.progress import Progress
 
-        model.input_norm = InputNorm(tuple(norm["mean"]), tuple(norm["std"]), norm["bgr"], norm["scale"])
+    num_classes = model.num_classes
+
+    def predictions(indices: Sequence[int], what: str):
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=1,
+                                             shuffle=False, num_workers=options.num_workers)
+        bar = Progress(len(indices), f"{desc}: {what}", enabled=progress, every_s=30)
+        for done, item in enumerate(loader, 1):
+            sample = dataset.samples[int(item["index"][0])]
+            image = to_float_images(item["image"].to(device))
+            probs = predict_probabilities(model, image, _native_size(sample.image), options.scales,
+                                          options.flip, autocast)[0]
+            bar.update(done)
+            yield sample, probs
+        bar.close()
+
+    if thresholds_file.exists():
+        thresholds = torch.tensor(json.loads(thresholds_file.read_text())["thresholds"], dtype=torch.float32)
+    else:
+        sample_set = ClassConfidenceSample(num_classes, cap=options.confidence_cap, seed=options.seed, device=device)
+        for _, probs in predictions(range(len(dataset)), "confidences"):
+            sample_set.add(probs)
+        thresholds = sample_set.thresholds(portion)
+        write_json_atomic({"portion": portion, "thresholds": thresholds.tolist(),
+                           "predicted_pixels": sample_set.counts.tolist(), "exact": sample_set.exact,
+                           "confidence_cap": options.confidence_cap, "scales": list(options.scales),
+                           "flip": options.flip}, thresholds_file)
+
+    counts = np.zeros(num_classes + 1, dtype=np.int64)  # last slot: ignored pixels
+    todo = []
+    for i, sample in enumerate(dataset.samples):
+        path = labels_dir / (sample.name + ".png")
+        if path.exists():  # written by a previous, interrupted pass 2
+            with Image.open(path) as image:
+                counts += _label_counts(np.asarray(image), num_classes)
+        else:
+            todo.append(i)
+    for sample, probs in predictions(todo, "labels"):
+        label = select_pseudo_labels(probs, thresholds).to(torch.uint8).cpu().numpy()
+        counts += _label_counts(label, num_classes)
+        write_label_png(label, labels_dir / (sample.name + ".png"))
+    total = max(int(counts.sum()), 1)
+    return {"thresholds": thresholds.tolist(), "labelled_share": float(counts[:num_classes].sum() / total),
+            "class_share": (counts[:num_classes] / total).tolist(), "images": len(dataset)}
 
 
-def write_marker(labels_dir: Path, info: dict[str, Any]) -> None:
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    (labels_dir / MARKER).write_text(json.dumps(info, indent=1))
+def _native_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        width, height = image.size
+    return height, width
+
+
+def _label_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class, ignore (and anything else) in the last slot."""
+    values = np.where(label < num_classes, label, num_classes).ravel()
+    return np.bincount(values, minlength=num_classes + 1)

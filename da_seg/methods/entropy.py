@@ -10,7 +10,7 @@ batch still goes through the segmenter once. Known failure mode: the confident c
 small classes (poles, people) are absorbed by their large neighbours; ``class_balance`` is a
 simple counter-measure to study it.
 
-The helpers here (output levels, warm-up ramp) are shared with ``adversarial.py``.
+The entropy maps here are shared with ``adversarial.py`` (AdvEnt's discriminator input).
 """
 from __future__ import annotations
 
@@ -18,13 +18,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from da_seg.config import ConfigError
-from da_seg.engine.visualize import colormap
-from da_seg.methods.base import Component, ComponentSetup, StepContext
-from da_seg.models.segmenter import SegmenterOutput, upsample_logits
+from da_seg.methods.base import Component, StepContext
+from da_seg.methods.common import check_nonnegative, level_suffix, output_levels, softmax_at, warmup_ramp
+from da_seg.utils.visualize import colormap, to_uint8
 
 EPS = 1e-30  # inside the log, as ADVENT: p log p -> 0 for p = 0 without NaN gradients
 
@@ -70,41 +68,14 @@ def entropy_loss(prob: Tensor, *, robust_eta: float = 0.0, class_balance: bool =
     return (sums / counts.clamp_min(1)).sum() / present.sum()
 
 
-def output_levels(out: SegmenterOutput, multi_level: bool, where: str) -> list[tuple[str, Tensor]]:
-    """[("main", logits)] plus ("aux", aux_logits) when ``multi_level``; each (N, C, h, w)."""
-    levels = [("main", out.logits)]
-    if multi_level:
-        if out.aux_logits is None:
-            raise ValueError(
-                f"{where}.multi_level = true, but the model returns no aux_logits; use a multi-level "
-                "model (deeplabv2_* or deeplab_small with model.options.multi_level = true) or set "
-                f"{where}.multi_level = false")
-        levels.append(("aux", out.aux_logits))
-    return levels
 
 
-def level_suffix(level: str) -> str:
-    """Loss-name suffix of an output level: "" for main, "_aux" for aux (as ``ce`` / ``ce_aux``)."""
-    return "" if level == "main" else f"_{level}"
 
 
-def softmax_at(logits: Tensor, size) -> Tensor:
-    """(N, C, h, w) logits -> (N, C, *size) float32 softmax of the bilinearly upsampled logits."""
-    return F.softmax(upsample_logits(logits.float(), tuple(size)), dim=1)
 
 
-def warmup_ramp(iteration: int, warmup_iters: int) -> float:
-    """Linear ramp of a loss weight: 0 at iteration 0 -> 1 at ``warmup_iters``; 1 when it is 0."""
-    if warmup_iters <= 0:
-        return 1.0
-    return min(1.0, iteration / warmup_iters)
 
 
-def check_nonnegative(options, names: tuple[str, ...], where: str) -> None:
-    for name in names:
-        value = getattr(options, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{where}.{name} = {value!r}; expected a number >= 0")
 
 
 def entropy_visual(ctx: StepContext) -> dict[str, Tensor]:
@@ -119,8 +90,7 @@ def entropy_visual(ctx: StepContext) -> dict[str, Tensor]:
         image = ctx.target.images[0].detach().float().cpu()
         prob = softmax_at(ctx.target_out.logits[:1].detach(), image.shape[-2:])
         ent = pixel_entropy(prob)[0].cpu()
-    image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    return {"target_entropy": torch.cat([image, colormap(ent)], dim=2)}
+    return {"target_entropy": torch.cat([to_uint8(image), colormap(ent)], dim=2)}
 
 
 @dataclass(frozen=True)
@@ -131,6 +101,9 @@ class MinEntOptions:
     robust_eta: float = 0.0        # > 0: FDA's robust entropy (ent^2 + 1e-8)^eta (FDA: 2, weight 0.005)
     class_balance: bool = False    # each predicted class weighs the same (see entropy_loss)
     warmup_iters: int = 0          # linear ramp of the weights from 0 over this many iterations
+
+    def __post_init__(self):
+        check_nonnegative(self, ("weight", "aux_weight", "robust_eta", "warmup_iters"))
 
 
 class MinEnt(Component):
@@ -143,18 +116,12 @@ class MinEnt(Component):
     Options = MinEntOptions
     uses_target = True
 
-    def __init__(self, options: MinEntOptions, setup: ComponentSetup):
-        super().__init__(options, setup)
-        where = f"recipe {setup.recipe.name!r}: components.{self.name}"
-        check_nonnegative(options, ("weight", "aux_weight", "robust_eta", "warmup_iters"), where)
-        self.where = f"components.{self.name}"
-
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         size = ctx.target.images.shape[-2:]
         ramp = warmup_ramp(ctx.iteration, self.options.warmup_iters)
         weights = {"main": self.options.weight, "aux": self.options.aux_weight}
         terms = {}
-        for level, logits in output_levels(ctx.target_out, self.options.multi_level, self.where):
+        for level, logits in output_levels(ctx.target_out, self.options.multi_level, f"components.{self.name}"):
             prob = softmax_at(logits, size)                             # (N, C, H, W)
             terms["ent" + level_suffix(level)] = ramp * weights[level] * entropy_loss(
                 prob, robust_eta=self.options.robust_eta, class_balance=self.options.class_balance)

@@ -41,15 +41,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.dropout import _DropoutNd
 
-from da_seg.config import AugmentConfig, ConfigError
+from da_seg.config import AugmentConfig
 from da_seg.data.augment import PhotometricAugment
-from da_seg.methods.base import Component, ComponentSetup, StepContext
+from da_seg.methods.base import Component, ComponentSetup, OptionError, StepContext
+from da_seg.methods.common import check_choice, check_pair, frozen_copy
+from da_seg.methods.feature_distance import feature_distance
 from da_seg.methods.mixing import CHOICES, class_mix, class_mix_masks
+from da_seg.methods.teacher import TEACHER_MODES, ema_alpha, ema_update, set_teacher_mode
 from da_seg.models.segmenter import upsample_logits
+from da_seg.utils.visualize import colorize, colormap, overlay, to_uint8
 
-TEACHER_MODES = ("train", "eval")
 MIX_MODES = ("classmix", "none")
 STATS_DECAY = 0.98  # per-class kept fractions are logged over roughly the last 50 steps
 
@@ -79,53 +81,25 @@ class MeanTeacherOptions:
     feature_distance_min_ratio: float = 0.75
 
     def __post_init__(self):
-        object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))
         object.__setattr__(self, "feature_distance_classes", tuple(int(v) for v in self.feature_distance_classes))
-        where = "components.mean_teacher."
-        for key, valid in (("teacher_mode", TEACHER_MODES), ("mix", MIX_MODES), ("mix_classes", CHOICES)):
-            if getattr(self, key) not in valid:
-                raise ConfigError(f"{where}{key} = {getattr(self, key)!r}; valid: {', '.join(valid)}")
+        check_choice(self, "teacher_mode", TEACHER_MODES)
+        check_choice(self, "mix", MIX_MODES)
+        check_choice(self, "mix_classes", CHOICES)
+        check_pair(self, "blur_sigma", "[min, max]")
         if not 0.0 <= self.ema < 1.0:
-            raise ConfigError(f"{where}ema = {self.ema!r}; expected 0 <= ema < 1 (DACS 0.99, DAFormer 0.999)")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"{where}threshold = {self.threshold!r}; expected a probability in [0, 1]")
-        if len(self.blur_sigma) != 2:
-            raise ConfigError(f"{where}blur_sigma = {list(self.blur_sigma)!r}; expected [min, max]")
-        if min(self.ignore_top, self.ignore_bottom, self.border_reference_height) < 0:
-            raise ConfigError(f"{where}ignore_top / ignore_bottom / border_reference_height must be >= 0")
+            raise OptionError("ema", f"= {self.ema!r}; expected 0 <= ema < 1 (DACS 0.99, DAFormer 0.999)")
+        for key in ("threshold", "color_p", "blur_p"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise OptionError(key, f"= {getattr(self, key)!r}; expected a probability in [0, 1]")
+        for key in ("ignore_top", "ignore_bottom", "border_reference_height"):
+            if getattr(self, key) < 0:
+                raise OptionError(key, f"= {getattr(self, key)!r}; expected >= 0")
 
 
-def ema_alpha(iteration: int, alpha: float) -> float:
-    """alpha_t = min(1 - 1 / (t + 1), alpha): a plain average of the first steps, then alpha."""
-    return min(1.0 - 1.0 / (iteration + 1), alpha)
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, buffers: bool = False) -> None:
-    """teacher <- alpha * teacher + (1 - alpha) * student, for every parameter (and floating-point
-    buffer when ``buffers``; integer buffers such as ``num_batches_tracked`` are then copied)."""
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    if len(t_params) != len(s_params):
-        raise ValueError("teacher and student have different parameter lists")
-    torch._foreach_mul_(t_params, alpha)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
-    if buffers:
-        for t_buf, s_buf in zip(teacher.buffers(), student.buffers()):
-            if t_buf.is_floating_point():
-                t_buf.mul_(alpha).add_(s_buf, alpha=1.0 - alpha)
-            else:
-                t_buf.copy_(s_buf)
 
 
-def set_teacher_mode(teacher: nn.Module, mode: str) -> None:
-    """"eval": everything in eval mode. "train": train mode with Dropout and DropPath off (DACS/DAFormer)."""
-    if mode == "eval":
-        teacher.eval()
-        return
-    teacher.train()
-    for module in teacher.modules():
-        if isinstance(module, _DropoutNd) or type(module).__name__ == "DropPath":
-            module.eval()
 
 
 def confidence_weight(confidence: Tensor, threshold: float) -> Tensor:
@@ -148,27 +122,8 @@ def weighted_pixel_ce(logits: Tensor, labels: Tensor, weights: Tensor, ignore_in
     return (ce * weights).mean()
 
 
-def downscale_labels(labels: Tensor, size: tuple[int, int], num_classes: int, min_ratio: float,
-                     ignore_index: int = 255) -> Tensor:
-    """(N, H, W) -> (N, h, w): each cell's majority class if it covers >= ``min_ratio`` of the cell
-    (ignore pixels counted as a class of their own), else ``ignore_index`` (DAFormer)."""
-    slots = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
-    onehot = F.one_hot(slots, num_classes + 1).permute(0, 3, 1, 2).float()  # (N, C + 1, H, W)
-    share, cls = F.adaptive_avg_pool2d(onehot, size).max(1)                 # (N, h, w)
-    return torch.where((share >= min_ratio) & (cls < num_classes), cls, torch.full_like(cls, ignore_index))
 
 
-def feature_distance(student_features: Tensor, reference_features: Tensor, labels: Tensor | None,
-                     classes: tuple[int, ...], num_classes: int, min_ratio: float) -> Tensor:
-    """Mean L2 distance (over channels) between two (N, D, h, w) feature maps, over the cells whose
-    downscaled label is in ``classes`` (all cells when ``classes`` is empty); 0 if there are none."""
-    distance = torch.linalg.vector_norm(student_features.float() - reference_features.float(), dim=1)  # (N, h, w)
-    if not classes or labels is None:
-        return distance.mean()
-    cells = downscale_labels(labels, tuple(distance.shape[-2:]), num_classes, min_ratio)
-    wanted = torch.tensor(classes, device=cells.device)
-    mask = (cells.unsqueeze(-1) == wanted).any(-1).float()
-    return (distance * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 class MeanTeacher(Component):
@@ -192,22 +147,13 @@ class MeanTeacher(Component):
             blur_p=options.blur_p, blur_sigma=options.blur_sigma))
         self.imagenet: nn.Module | None = None
         if options.imagenet_weights and options.feature_distance_weight > 0:
-            self.imagenet = self._frozen_imagenet_model(setup, options.imagenet_weights)
+            # The ImageNet-initialised segmenter, frozen: rebuilt from the weight file on every start.
+            self.imagenet = frozen_copy(setup.build_segmenter(pretrained=options.imagenet_weights)).to(setup.device)
         num_classes = setup.num_classes
         self._label_counts = torch.zeros(num_classes, device=setup.device)
         self._kept_counts = torch.zeros(num_classes, device=setup.device)
         self._q = torch.zeros((), device=setup.device)
         self._last: dict[str, Tensor] = {}
-        self._colors = None
-
-    @staticmethod
-    def _frozen_imagenet_model(setup: ComponentSetup, weights: str) -> nn.Module:
-        from da_seg.models import build_model
-
-        model_cfg = setup.recipe.model
-        model = build_model(model_cfg.name, setup.num_classes, **{**model_cfg.options, "pretrained": weights})
-        model.requires_grad_(False)
-        return model.eval().to(setup.device)
 
     @property
     def teacher(self) -> nn.Module:
@@ -289,13 +235,11 @@ class MeanTeacher(Component):
         """From the latest step, first image of the batch, each uint8 (3, H, W):
         ``pseudo_labels``: target | pseudo-labels | confident pseudo-labels only (>= threshold) | confidence;
         ``mixed``: mixed student input | its labels | pixel weights (black 0 ... yellow 1)."""
-        from da_seg.engine.visualize import colorize, colormap, overlay
-
         if not self._last:
             return {}
         last = {k: v.detach().cpu() for k, v in self._last.items()}
-        colors = self._palette()
-        target, mixed = _to_uint8(last["target"]), _to_uint8(last["mixed"])
+        colors = self.setup.palette()
+        target, mixed = to_uint8(last["target"]), to_uint8(last["mixed"])
         confident = torch.where(last["confidence"] >= self.options.threshold, last["pseudo"],
                                 torch.full_like(last["pseudo"], 255))
         pseudo_panel = torch.cat([target, overlay(target, colorize(last["pseudo"], colors)),
@@ -303,17 +247,6 @@ class MeanTeacher(Component):
         mixed_panel = torch.cat([mixed, overlay(mixed, colorize(last["mixed_labels"], colors)),
                                  colormap(last["weights"])], dim=2)
         return {"pseudo_labels": pseudo_panel, "mixed": mixed_panel}
-
-    def _palette(self):
-        if self._colors is None:
-            try:
-                from da_seg.data.domains import load_domain
-
-                self._colors = load_domain(self.setup.recipe.data.target or self.setup.recipe.data.source).colors
-            except Exception:  # visuals must never stop training: fall back to a fixed palette
-                g = torch.Generator().manual_seed(0)
-                self._colors = torch.randint(0, 256, (self.setup.num_classes, 3), generator=g).tolist()
-        return self._colors
 
     # ------------------------------------------------------------------ extra state
     def state_dict(self) -> dict[str, Any]:
@@ -325,10 +258,7 @@ class MeanTeacher(Component):
             self._kept_counts.copy_(state["kept_counts"])
 
 
-def _to_uint8(image: Tensor) -> Tensor:
-    """float (3, H, W) in [0, 1] -> uint8 (3, H, W)."""
-    return (image.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
-__all__ = ["MeanTeacher", "MeanTeacherOptions", "ema_alpha", "ema_update", "confidence_weight",
-           "weighted_pixel_ce", "feature_distance", "downscale_labels", "border_rows", "set_teacher_mode"]
+__all__ = ["MeanTeacher", "MeanTeacherOptions", "confidence_weight",
+           "weighted_pixel_ce", "border_rows"]

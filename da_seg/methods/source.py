@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from da_seg.methods.base import Component, StepContext
+from da_seg.methods.base import Component, OptionError, StepContext
+from da_seg.methods.common import check_nonnegative
 from da_seg.models.segmenter import SegmenterOutput, upsample_logits
 
 
@@ -17,6 +18,11 @@ class CrossEntropyOptions:
     aux_weight: float = 0.1       # multi-level DeepLab: 0.1 x CE on the layer3 head (AdaptSegNet)
     label_smoothing: float = 0.0
     class_weighted: bool = False  # class weights 1 - batch frequency (SAN-SAW; see batch_class_weights)
+
+    def __post_init__(self):
+        check_nonnegative(self, ("weight", "aux_weight", "label_smoothing"))
+        if self.label_smoothing >= 1:
+            raise OptionError("label_smoothing", f"= {self.label_smoothing!r}; expected a value in [0, 1)")
 
 
 def batch_class_weights(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
@@ -38,7 +44,7 @@ def segmentation_ce(out: SegmenterOutput, labels: Tensor, options: CrossEntropyO
     """CE of logits upsampled to the label size. labels: (N, H, W) int64 -> {'ce', 'ce_aux'?}."""
     size = labels.shape[-2:]
     class_weights = None
-    if getattr(options, "class_weighted", False):  # other CE-like options (pseudo_ce) share this function
+    if options.class_weighted:
         class_weights = batch_class_weights(labels, out.logits.shape[1], ignore_index)
     terms = {"ce": options.weight * F.cross_entropy(
         upsample_logits(out.logits, size).float(), labels, weight=class_weights, ignore_index=ignore_index,
@@ -67,7 +73,7 @@ class TargetCE(Component):
     name = "target_ce"
     Options = CrossEntropyOptions
     uses_target = True
-    uses_target_labels = True
+    uses_target_labels = "ground_truth"
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         return segmentation_ce(ctx.target_out, ctx.target.labels, self.options, self.setup.ignore_index)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from da_seg.engine.evaluate import sliding_windows
+from da_seg.utils.windows import sliding_windows
 
 
 def _norm(channels: int) -> nn.Module:

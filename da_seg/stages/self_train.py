@@ -1,17 +1,21 @@
-"""Offline self-training rounds (CBST / CRST): predict -> class-balanced thresholds -> write -> train.
+"""The ``self_train`` stage: offline self-training rounds (CBST / CRST): predict -> class-balanced
+thresholds -> write -> train.
 
-``da-seg self-train RECIPE`` runs, for round r = 1..R with portion p_r = min(start + (r - 1) step, max):
+A recipe with ``stage = "self_train"`` (``da-seg train RECIPE``, ``da-seg self-train RECIPE`` with
+its command-line options, or a sweep) runs, for round r = 1..R with portion
+p_r = min(start + (r - 1) step, max):
   1. predict every target train image with the previous model (round 1: the warm-up model), keep
      per-class confidences, and compute the class-balanced thresholds (pass 1, ``thresholds.json``);
   2. predict again and write the pseudo-labels as 8-bit PNGs plus a descriptor of a new labelled
      domain whose images stay in the original target root (pass 2; two passes instead of storing
      C x H x W probability maps for the whole set: 160 MB per Cityscapes image);
   3. train the recipe with ``data.target`` = that domain (``pseudo_ce`` reads its labels), starting
-     from the previous model's weights, through ``da_seg.runs.train``.
+     from the previous model's weights (``model.init_checkpoint``), through ``da_seg.runs``.
 
-The recipe describes one round's training (source_ce + pseudo_ce); its ``[components.pseudo_ce]``
-table also holds the rounds schedule (rounds, portion_*, scales, flip, warmup_recipe), which the
-command-line options override. Everything lands in
+What decides the labels is ``da_seg.methods.cbst``; this module only sequences the rounds. The
+recipe describes one round's training (source_ce + pseudo_ce); its ``[self_train]`` table holds
+the rounds schedule (:class:`SelfTrainOptions`), which the command-line options override.
+Everything lands in
 ``<runs>/<source>_to_<target>/<recipe>_selftrain/seed<N>/``:
 
   round_<r>/thresholds.json   thresholds, per-class pixel counts, portion, the model that predicted
@@ -31,41 +35,62 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
-import numpy as np
 import torch
-from PIL import Image
 
 from da_seg.config import ConfigError, Recipe, load_recipe, recipe_from_dict, to_toml
-from da_seg.methods.base import parse_options
-from da_seg.methods.cbst import (
-    ClassConfidenceSample,
-    PseudoLabelCE,
-    pseudo_domain_descriptor,
-    predict_probabilities,
-    select_pseudo_labels,
-    write_label_png,
-    write_marker,
-)
+from da_seg.data.datasets import SegmentationDataset
+from da_seg.data.domains import load_domain
+from da_seg.data.pseudo_labels import pseudo_domain_descriptor, write_marker
+from da_seg.engine.checkpoint import load_checkpoint, restore_model
+from da_seg.engine.logging import RunLogger
+from da_seg.engine.trainer import amp_dtype_for, pick_device
+from da_seg.methods.base import OptionError
+from da_seg.methods.cbst import DEFAULT_CAP, LabellingOptions, PseudoLabelCE, label_target_set
+from da_seg.runs import train_or_resume
+from da_seg.stages.base import parse_stage_options
+from da_seg.utils.files import write_json_atomic, write_text_atomic
 
 
-def _write_json(data: Any, path: Path) -> None:
-    from da_seg.engine.checkpoint import write_text_atomic
+@dataclass(frozen=True)
+class SelfTrainOptions:
+    """The recipe's ``[self_train]`` table: the rounds schedule (CRST's GTA5 defaults) and how
+    each round predicts its pseudo-labels."""
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps(data, indent=1), path)
+    rounds: int = 3
+    portion_start: float = 0.2
+    portion_step: float = 0.05
+    portion_max: float = 0.5
+    scales: tuple[float, ...] = (1.0,)     # prediction input scales (x data.target_size or the file's size)
+    flip: bool = False                     # average with the flipped prediction
+    confidence_cap: int = DEFAULT_CAP      # per-class confidences kept for the thresholds
+    warmup_recipe: str = ""                # round 0 model: this recipe's run (same seed), relative to the recipe file
+    init_checkpoint: str = ""              # or a checkpoint that predicts round 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if not self.scales or min(self.scales) <= 0:
+            raise OptionError("scales", f"= {list(self.scales)!r}; expected positive factors, e.g. [1.0]")
+        for key in ("portion_start", "portion_max"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise OptionError(key, f"= {getattr(self, key)!r}; expected a portion in (0, 1]")
+        if self.portion_step < 0:
+            raise OptionError("portion_step", f"= {self.portion_step!r}; expected >= 0")
+        for key in ("rounds", "confidence_cap"):
+            if getattr(self, key) < 1:
+                raise OptionError(key, f"= {getattr(self, key)!r}; expected an integer >= 1")
 
 
-def schedule_options(recipe: Recipe, **overrides):
-    """The recipe's ``pseudo_ce`` options with the non-None ``overrides`` applied."""
+def schedule_options(recipe: Recipe, **overrides) -> SelfTrainOptions:
+    """The recipe's ``[self_train]`` options with the non-None ``overrides`` applied."""
     if PseudoLabelCE.name not in recipe.components:
         raise ConfigError(f"recipe {recipe.name!r}: self-training needs [components.{PseudoLabelCE.name}] "
                           "(cross-entropy on the pseudo-labelled target)")
-    options = parse_options(PseudoLabelCE, dict(recipe.components[PseudoLabelCE.name] or {}), recipe.name)
+    options = parse_stage_options(SelfTrainStage, recipe)
     return replace(options, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -78,23 +103,6 @@ def selftrain_dir(runs_root: Path, recipe: Recipe) -> Path:
     return Path(runs_root) / recipe.pair / f"{recipe.name}_selftrain" / f"seed{recipe.train.seed}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Training through the one loop
-
-def train_or_resume(recipe: Recipe, runs_root: Path, *, device: str, progress: bool) -> Path:
-    """Train ``recipe`` under ``runs_root`` unless a finished run exists; resume an interrupted one.
-    Returns the run folder."""
-    from da_seg.runs import find_runs, run_status, train
-
-    existing = find_runs(runs_root, recipe)
-    latest = existing[-1] if existing else None
-    status = run_status(latest) if latest else "empty"
-    if status != "finished":
-        train(recipe, runs_root, resume=latest if status == "resumable" else None, device=device, progress=progress)
-        latest = find_runs(runs_root, recipe)[-1]
-    return latest
-
-
 def _miou(run_dir: Path, which: str) -> float | None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     record, primary = metrics.get(which), metrics.get("primary_domain")
@@ -104,37 +112,24 @@ def _miou(run_dir: Path, which: str) -> float | None:
 
 
 def round_recipe(recipe: Recipe, round_index: int, descriptor: Path, init_checkpoint: Path) -> Recipe:
-    """The recipe of one round: target = the pseudo-labelled domain, evaluation on the original
-    target (or the recipe's val_domains), weights from the previous model."""
+    """The recipe of one round, an ordinary training run: target = the pseudo-labelled domain,
+    evaluation on the original target (or the recipe's val_domains), weights from the previous model."""
     raw = recipe.to_dict()
+    raw.pop(SelfTrainStage.name, None)
+    raw["stage"] = "train"
     raw["name"] = f"{recipe.name}_round{round_index}"
     raw["data"]["val_domains"] = list(recipe.val_domains)
     raw["data"]["target"] = str(descriptor)
-    pseudo = {**recipe.components[PseudoLabelCE.name], "init_checkpoint": str(init_checkpoint)}
-    raw["components"] = {PseudoLabelCE.name: pseudo,
-                         **{k: v for k, v in recipe.components.items() if k != PseudoLabelCE.name}}
+    raw["model"]["init_checkpoint"] = str(init_checkpoint)
     return recipe_from_dict(raw, source=f"{recipe.name} round {round_index}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Pseudo-labels
 
-def _native_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as image:
-        width, height = image.size
-    return height, width
-
-
 def generate_pseudo_labels(checkpoint: Path, recipe: Recipe, round_dir: Path, round_index: int, portion: float,
-                           options, *, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Passes 1 and 2 of a round; returns the ``labels.done`` record (skipped when it exists)."""
-    from da_seg.data.augment import to_float_images
-    from da_seg.data.datasets import SegmentationDataset
-    from da_seg.data.domains import load_domain
-    from da_seg.engine.checkpoint import load_checkpoint
-    from da_seg.engine.logging import Progress
-    from da_seg.engine.trainer import amp_dtype_for, pick_device, restore_model
-
+                           options: SelfTrainOptions, *, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """A round's pseudo-labelled domain; returns the ``labels.done`` record (skipped when it exists)."""
     done_file = round_dir / "labels.done"
     if done_file.exists():
         return json.loads(done_file.read_text())
@@ -146,70 +141,22 @@ def generate_pseudo_labels(checkpoint: Path, recipe: Recipe, round_dir: Path, ro
     split = recipe.data.target_split
     dataset = SegmentationDataset(target, split, with_labels=False, size=recipe.data.target_size)
     labels_dir = round_dir / "labels"
-    num_classes = model.num_classes
-
-    def predictions(indices: Sequence[int], desc: str):
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=1,
-                                             shuffle=False, num_workers=recipe.data.num_workers)
-        bar = Progress(len(indices), desc, enabled=progress, every_s=30)
-        for done, item in enumerate(loader, 1):
-            sample = dataset.samples[int(item["index"][0])]
-            image = to_float_images(item["image"].to(dev))
-            probs = predict_probabilities(model, image, _native_size(sample.image), options.scales,
-                                          options.flip, autocast)[0]
-            bar.update(done)
-            yield sample, probs
-        bar.close()
-
-    thresholds_file = round_dir / "thresholds.json"
-    if thresholds_file.exists():
-        thresholds = torch.tensor(json.loads(thresholds_file.read_text())["thresholds"], dtype=torch.float32)
-    else:
-        sample_set = ClassConfidenceSample(num_classes, cap=options.confidence_cap, seed=recipe.train.seed,
-                                           device=dev)
-        for _, probs in predictions(range(len(dataset)), f"round {round_index}: confidences"):
-            sample_set.add(probs)
-        thresholds = sample_set.thresholds(portion)
-        _write_json({"round": round_index, "portion": portion, "checkpoint": str(checkpoint),
-                     "thresholds": thresholds.tolist(), "predicted_pixels": sample_set.counts.tolist(),
-                     "exact": sample_set.exact, "confidence_cap": options.confidence_cap,
-                     "scales": list(options.scales), "flip": options.flip}, thresholds_file)
-
-    counts = np.zeros(num_classes + 1, dtype=np.int64)  # last slot: ignored pixels
-    todo, written = [], []
-    for i, sample in enumerate(dataset.samples):
-        path = labels_dir / (sample.name + ".png")
-        (written if path.exists() else todo).append((i, path))
-    for _, path in written:  # labels a previous, interrupted pass 2 already wrote
-        with Image.open(path) as image:
-            counts += _label_counts(np.asarray(image), num_classes)
-    for sample, probs in predictions([i for i, _ in todo], f"round {round_index}: pseudo-labels"):
-        label = select_pseudo_labels(probs, thresholds).to(torch.uint8).cpu().numpy()
-        counts += _label_counts(label, num_classes)
-        write_label_png(label, labels_dir / (sample.name + ".png"))
+    labelling = LabellingOptions(scales=options.scales, flip=options.flip, confidence_cap=options.confidence_cap,
+                                 num_workers=recipe.data.num_workers, seed=recipe.train.seed)
+    labels = label_target_set(model, dataset, labels_dir, portion, labelling, thresholds_file=round_dir / "thresholds.json",
+                              device=dev, autocast=autocast, progress=progress, desc=f"round {round_index}")
 
     # The pseudo-labelled domain keeps the target's name, so each round's run is filed and compared
     # under the real <source>_to_<target> pair; its description and marker say what it is.
-    name = target.name
-    descriptor = round_dir / "domain" / f"{name}.toml"
-    descriptor.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = round_dir / "domain" / f"{target.name}.toml"
     description = (f"CBST pseudo-labels of {target.name} {split}, round {round_index}, portion {portion} "
-                   f"(written by da_seg.selftrain from {checkpoint})")
+                   f"(written by the self_train stage from {checkpoint})")
     write_marker(labels_dir, {"round": round_index, "portion": portion, "source_domain": target.name,
-                              "split": split, "checkpoint": str(checkpoint), "thresholds": thresholds.tolist()})
-    descriptor.write_text(pseudo_domain_descriptor(name, target, split, labels_dir, description))
-    total = max(int(counts.sum()), 1)
-    record = {"round": round_index, "portion": portion, "descriptor": str(descriptor),
-              "thresholds": thresholds.tolist(), "labelled_share": float(counts[:num_classes].sum() / total),
-              "class_share": (counts[:num_classes] / total).tolist(), "images": len(dataset)}
-    _write_json(record, done_file)
+                              "split": split, "checkpoint": str(checkpoint), "thresholds": labels["thresholds"]})
+    write_text_atomic(pseudo_domain_descriptor(target.name, target, split, labels_dir, description), descriptor)
+    record = {"round": round_index, "portion": portion, "descriptor": str(descriptor), **labels}
+    write_json_atomic(record, done_file)
     return record
-
-
-def _label_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """Pixels per class, ignore (and anything else) in the last slot."""
-    values = np.where(label < num_classes, label, num_classes).ravel()
-    return np.bincount(values, minlength=num_classes + 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,13 +168,16 @@ def run_rounds(recipe_path: str | Path, rounds: int | None = None, portion_start
                overrides: Sequence[str] = (), device: str = "auto", progress: bool = True) -> list[dict[str, Any]]:
     """Run (or continue) the self-training rounds of a recipe; returns one summary per round.
 
-    Arguments left as None come from the recipe's ``[components.pseudo_ce]`` table (whose
-    defaults are CRST's GTA5 schedule: portion 0.2, +0.05 a round, at most 0.5). The round-1
-    model is ``init_checkpoint``, else the recipe's ``pseudo_ce.init_checkpoint``, else the last
+    Arguments left as None come from the recipe's ``[self_train]`` table (whose defaults are
+    CRST's GTA5 schedule: portion 0.2, +0.05 a round, at most 0.5). The round-1 model is
+    ``init_checkpoint``, else the recipe's ``self_train.init_checkpoint``, else the last
     checkpoint of its ``warmup_recipe`` trained (or reused when finished) under ``runs_root``.
     """
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, tuple(overrides))
+    from da_seg.methods import validate
+
+    validate(recipe)
     options = schedule_options(recipe, rounds=rounds, portion_start=portion_start, portion_step=portion_step,
                                portion_max=portion_max)
     runs_root = Path(runs_root).absolute()  # the pseudo-label descriptors name their folders: not relative to $DA_SEG_DATA
@@ -235,8 +185,6 @@ def run_rounds(recipe_path: str | Path, rounds: int | None = None, portion_start
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = _initial_checkpoint(recipe, recipe_path, options, init_checkpoint, overrides, runs_root,
                                      device, progress)
-
-    from da_seg.engine.logging import RunLogger
 
     summaries: list[dict[str, Any]] = []
     logger = RunLogger(out)
@@ -252,17 +200,17 @@ def run_rounds(recipe_path: str | Path, rounds: int | None = None, portion_start
                 done = json.loads(done_file.read_text())
             else:
                 this = round_recipe(recipe, index, Path(labels["descriptor"]), checkpoint)
-                (round_dir / "recipe.toml").write_text(to_toml(this.to_dict()))
+                write_text_atomic(to_toml(this.to_dict()), round_dir / "recipe.toml")
                 run_dir = train_or_resume(this, round_dir / "runs", device=device, progress=progress)
                 done = {"round": index, "portion": portion, "run_dir": str(run_dir),
                         "checkpoint": str(run_dir / "last.pt"), "last_miou": _miou(run_dir, "last"),
                         "best_miou": _miou(run_dir, "best"), "seconds": time.perf_counter() - start}
-                _write_json(done, done_file)
+                write_json_atomic(done, done_file)
             checkpoint = Path(done["checkpoint"])
             summary = {**done, "labelled_share": labels["labelled_share"], "thresholds": labels["thresholds"],
                        "class_share": labels["class_share"]}
             summaries.append(summary)
-            _write_json(summaries, out / "rounds.json")
+            write_json_atomic(summaries, out / "rounds.json")
             write_summary_metrics(out, recipe, summaries, finished=index == options.rounds)
             _log_round(logger, summary, recipe_classes(labels["descriptor"]))
             if progress:
@@ -297,7 +245,7 @@ def write_summary_metrics(out: Path, recipe: Recipe, summaries: list[dict[str, A
                "components": list(recipe.components), "rounds": summaries, "evaluations": evaluations,
                "last": evaluations[-1] if evaluations else None,
                "best": max(evaluations, key=score) if evaluations else None}
-    _write_json(metrics, out / "metrics.json")
+    write_json_atomic(metrics, out / "metrics.json")
     return metrics
 
 
@@ -306,8 +254,6 @@ def _fmt(value: float | None) -> str:
 
 
 def recipe_classes(descriptor: str) -> tuple[str, ...]:
-    from da_seg.data.domains import load_domain
-
     return load_domain(descriptor).class_names
 
 
@@ -334,16 +280,17 @@ def _initial_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpo
         warmup_path = (recipe_path.parent / options.warmup_recipe).resolve()
         # The warm-up is an ordinary run of its own recipe (shared with sweeps of that recipe): only
         # overrides outside [components] apply to it, and it trains with this recipe's seed.
-        kept = [o for o in overrides if not o.strip().startswith("components.")]
+        kept = [o for o in overrides if not o.strip().startswith(("components.", f"{SelfTrainStage.name}."))]
         warmup = load_recipe(warmup_path, (*kept, f"train.seed={recipe.train.seed}"))
-        if PseudoLabelCE.name in warmup.components:
-            raise ConfigError(f"{warmup_path}: a warm-up recipe must not itself use {PseudoLabelCE.name}")
+        if warmup.stage != "train":
+            raise ConfigError(f"{warmup_path}: a warm-up recipe must be an ordinary training run (it has "
+                              f"stage = {warmup.stage!r})")
         if progress:
             click.echo(f"[self-train] warm-up model: {warmup.name} seed {warmup.train.seed} under {runs_root}")
         path = train_or_resume(warmup, runs_root, device=device, progress=progress) / "last.pt"
     else:
         raise ConfigError(f"recipe {recipe.name!r}: self-training needs a model to start from: pass --init "
-                          "CHECKPOINT, or set components.pseudo_ce.warmup_recipe (a source-only recipe)")
+                          "CHECKPOINT, or set self_train.warmup_recipe (a source-only recipe)")
     if not path.is_file():
         raise FileNotFoundError(f"self-training start checkpoint not found: {path}")
     check_same_model(recipe, path)
@@ -353,8 +300,6 @@ def _initial_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpo
 def check_same_model(recipe: Recipe, checkpoint: Path) -> None:
     """The rounds load the start checkpoint into the recipe's model: both must be the same network
     (options such as caffe_style change the network without changing its parameter names)."""
-    from da_seg.engine.checkpoint import load_checkpoint
-
     meta = load_checkpoint(checkpoint).get("model_meta", {})
     ours = {"name": recipe.model.name, "options": json.loads(json.dumps(dict(recipe.model.options)))}
     theirs = {"name": meta.get("name"), "options": json.loads(json.dumps(meta.get("options", {})))}
@@ -367,14 +312,26 @@ def check_same_model(recipe: Recipe, checkpoint: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Command line (attached to the CLI as `da-seg self-train`)
 
-def is_self_training_recipe(recipe: Recipe) -> bool:
-    """Recipes that `da-seg train` cannot run alone (a sweep should hand them to run_rounds)."""
-    return PseudoLabelCE.name in recipe.components
+class SelfTrainStage:
+    """Rounds of pseudo-labels and training, one set per seed (the warm-up model has the seed)."""
+
+    name = "self_train"
+    Options = SelfTrainOptions
+    per_seed = True
+
+    @staticmethod
+    def run(recipe_path: Path, *, overrides: Sequence[str] = (), runs_root: Path, device: str = "auto",
+            progress: bool = True, label: str = "", **options) -> Path:
+        """Returns the stage folder, whose ``metrics.json`` holds the rounds as one run."""
+        if label:
+            print(f"[sweep] {label}: self-training rounds")
+        run_rounds(recipe_path, runs_root=runs_root, overrides=overrides, device=device, progress=progress, **options)
+        return selftrain_dir(Path(runs_root).absolute(), load_recipe(recipe_path, tuple(overrides)))
 
 
 @click.command("self-train")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--rounds", type=int, default=None, help="Rounds to run (default: components.pseudo_ce.rounds).")
+@click.option("--rounds", type=int, default=None, help="Rounds to run (default: self_train.rounds).")
 @click.option("--portion-start", type=float, default=None, help="Portion p of round 1 (CRST GTA5: 0.2).")
 @click.option("--portion-step", type=float, default=None, help="Added to p each round (0.05).")
 @click.option("--portion-max", type=float, default=None, help="Upper bound of p (0.5).")

@@ -1,8 +1,8 @@
-"""Pixel-level style transfer: CycleGAN (with CyCADA's semantic consistency) and FDA.
+"""Pixel-level style transfer by a translator: CycleGAN, with CyCADA's semantic consistency.
 
-``cyclegan`` trains the translator, not the segmenter (``trains_segmenter = False``): it is the
-training part of the ``da-seg translate`` stage, which then writes the whole translated source
-to disk as a new domain (``da_seg/translate.py``); recipes train on that domain like any other.
+``cyclegan`` trains the translator, not the segmenter (it returns no ``losses``, only side losses):
+it is the training part of the ``translate`` stage, which then writes the whole translated source
+to disk as a new domain (``da_seg/stages/translate.py``); recipes train on that domain like any other.
 Per step, with x_s, x_t in [-1, 1], G_st: source -> target style, G_ts: target -> source style:
 
     generator terms (discriminators frozen, as in the release's ``set_requires_grad(D, False)``):
@@ -21,13 +21,9 @@ discriminator terms reach no generator parameter (detached fakes). The discrimin
 generator terms with their pre-step weights and are trained on the pre-step fakes, as in the
 release, where D's update follows G's but uses fakes computed before it.
 
-``fda`` (Yang & Soatto, FDA, CVPR 2020) is cheap enough to run online: before any forward it
-replaces each source image's low-frequency amplitude spectrum by a target image's
-(``prepare_batches``). Its robust entropy term is ``minent`` with ``robust_eta = 2``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from da_seg.config import ConfigError
-from da_seg.methods.adversarial import bare, frozen
-from da_seg.methods.base import Component, ComponentSetup, StepContext
-from da_seg.methods.entropy import check_nonnegative
+from da_seg.methods.base import Component, ComponentSetup, OptionError, StepContext
+from da_seg.methods.common import bare, check_nonnegative, check_pair, check_positive_int, frozen, frozen_copy
 from da_seg.models.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator
 from da_seg.models.segmenter import upsample_logits
+from da_seg.utils.visualize import side_by_side, to_uint8
 
 REAL, FAKE = 1.0, 0.0
 
@@ -63,22 +58,8 @@ def linear_decay(total: int, decay_start: float):
     return factor
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """(..., 3, H, W) in [0, 1] -> uint8 on the CPU."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def side_by_side(images: list[Tensor]) -> Tensor:
-    """(3, h_i, w_i) uint8 images -> one (3, H, sum w) row at the first image's height."""
-    height = images[0].shape[-2]
-    row = []
-    for image in images:
-        if image.shape[-2] != height:
-            width = max(1, round(image.shape[-1] * height / image.shape[-2]))
-            image = F.interpolate(image[None].float(), size=(height, width), mode="bilinear",
-                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
-        row.append(image)
-    return torch.cat(row, dim=2)
 
 
 @dataclass(frozen=True)
@@ -95,16 +76,16 @@ class CycleGANOptions:
     # CyCADA semantic consistency: a frozen source-trained segmenter (a da_seg last.pt / best.pt).
     semantic_weight: float = 0.0        # 0 = off (plain CycleGAN)
     semantic_checkpoint: str = ""
-    # The writing half of `da-seg translate` (not used in training).
-    output_domain: str = ""             # name of the translated domain; "" = <source>_cyclegan
-    output_dir: str = ""                # its folder: absolute or under $DA_SEG_DATA; "" = beside the source root
-    splits: tuple[str, ...] = ()        # source splits to translate; () = all of them
-    tile: int = 2048                    # frames larger than this (either side) are translated in tiles ...
-    tile_overlap: int = 256             # ... overlapping by this much, blended; 0 = always whole
 
     def __post_init__(self):
-        object.__setattr__(self, "splits", tuple(self.splits))
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        check_nonnegative(self, ("lr", "lambda_cycle", "lambda_identity", "semantic_weight", "pool_size"))
+        check_positive_int(self, ("ngf", "ndf", "n_blocks"))
+        check_pair(self, "betas", "[beta1, beta2]")
+        if not 0.0 <= self.decay_start <= 1.0:
+            raise OptionError("decay_start", f"= {self.decay_start!r}; expected a fraction in [0, 1]")
+        if self.semantic_weight > 0 and not self.semantic_checkpoint:
+            raise OptionError("semantic_weight", "> 0 needs semantic_checkpoint (a source-trained da_seg "
+                              "checkpoint, e.g. runs/.../source_only/<seed>-<time>/last.pt)")
 
 
 class CycleGAN(Component):
@@ -120,22 +101,10 @@ class CycleGAN(Component):
     Options = CycleGANOptions
     uses_source = True
     uses_target = True
-    trains_segmenter = False
+    stage = "translate"
 
     def __init__(self, options: CycleGANOptions, setup: ComponentSetup):
         super().__init__(options, setup)
-        where = f"recipe {setup.recipe.name!r}: components.{self.name}"
-        check_nonnegative(options, ("lr", "lambda_cycle", "lambda_identity", "semantic_weight", "pool_size",
-                                    "tile", "tile_overlap"), where)
-        for key in ("ngf", "ndf", "n_blocks"):
-            if not isinstance(getattr(options, key), int) or getattr(options, key) < 1:
-                raise ConfigError(f"{where}.{key} = {getattr(options, key)!r}; expected a positive integer")
-        if not 0.0 <= options.decay_start <= 1.0:
-            raise ConfigError(f"{where}.decay_start = {options.decay_start!r}; expected a fraction in [0, 1]")
-        if len(options.betas) != 2:
-            raise ConfigError(f"{where}.betas = {list(options.betas)!r}; expected [beta1, beta2]")
-        if options.tile and options.tile_overlap >= options.tile:
-            raise ConfigError(f"{where}.tile_overlap = {options.tile_overlap} must be smaller than tile = {options.tile}")
         device = setup.device
         self.networks = {
             "g_st": ResnetGenerator(options.ngf, options.n_blocks).to(device),
@@ -148,15 +117,15 @@ class CycleGAN(Component):
         discriminators = [*nets["d_s"].parameters(), *nets["d_t"].parameters()]
         self.optimizers = {"generators": torch.optim.Adam(generators, lr=options.lr, betas=options.betas),
                            "discriminators": torch.optim.Adam(discriminators, lr=options.lr, betas=options.betas)}
-        factor = linear_decay(setup.recipe.schedule.iters, options.decay_start)
+        factor = linear_decay(setup.iterations, options.decay_start)
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in self.optimizers.items()}
         self.pools = {"s": ImagePool(options.pool_size), "t": ImagePool(options.pool_size)}
         self.segmenter: nn.Module | None = None
         if options.semantic_weight > 0:
-            if not options.semantic_checkpoint:
-                raise ConfigError(f"{where}.semantic_weight > 0 needs semantic_checkpoint (a source-trained "
-                                  "da_seg checkpoint, e.g. runs/.../source_only/<seed>-<time>/last.pt)")
-            self.segmenter = load_frozen_segmenter(options.semantic_checkpoint, setup.num_classes, device)
+            self.segmenter = frozen_copy(setup.load_trained(options.semantic_checkpoint))
+            if self.segmenter.num_classes != setup.num_classes:
+                raise OptionError("semantic_checkpoint", f"= {options.semantic_checkpoint!r} predicts "
+                                  f"{self.segmenter.num_classes} classes, the domains have {setup.num_classes}")
         self._panel: list[Tensor] = []
 
     def side_losses(self, ctx: StepContext) -> dict[str, Tensor]:
@@ -212,92 +181,3 @@ class CycleGAN(Component):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, pool in self.pools.items():
             pool.load_state_dict(state["pools"][k], self.setup.device)
-
-
-def load_frozen_segmenter(path: str, num_classes: int, device: torch.device) -> nn.Module:
-    """A trained da_seg segmenter in eval mode with frozen parameters (CyCADA's fixed f)."""
-    from da_seg.engine.checkpoint import load_checkpoint
-    from da_seg.engine.trainer import restore_model
-
-    model = restore_model(load_checkpoint(path), device).eval()
-    if model.num_classes != num_classes:
-        raise ConfigError(f"semantic_checkpoint {path} predicts {model.num_classes} classes, the domains have "
-                          f"{num_classes}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# FDA
-
-def low_frequency_band(height: int, width: int, beta: float, device=None) -> Tensor:
-    """(H, W) bool mask of the unshifted 2-D spectrum that FDA swaps: b = floor(min(H, W) beta),
-    the four b x b corners (the official training code's ``low_freq_mutate``), i.e. integer
-    frequencies -b .. b - 1 along each axis. Empty for b = 0 (beta = 0.01 on 64-pixel images)."""
-    b = int(math.floor(min(height, width) * beta + 1e-9))
-    rows = torch.zeros(height, dtype=torch.bool, device=device)
-    cols = torch.zeros(width, dtype=torch.bool, device=device)
-    if b > 0:
-        rows[:b] = rows[height - b:] = True
-        cols[:b] = cols[width - b:] = True
-    return rows[:, None] & cols[None, :]
-
-
-def fda_transfer(source: Tensor, target: Tensor, beta: float) -> Tensor:
-    """FDA's source-to-target transfer: the target's low-frequency amplitude, the source's phase.
-
-    source: (N, 3, H, W) float; target: (N, 3, H', W') float, resized to (H, W) if it differs.
-    Returns (N, 3, H, W) float32: the real part of the inverse FFT, not clipped (as the official
-    code, which feeds it to the network directly). The band (frequencies -b .. b - 1) is one
-    wider on the negative side, so the real output carries the mean of the source and target
-    amplitudes at frequency +b; the phase is the source's everywhere. The amplitude swap is linear in the intensity
-    scale, so images in [0, 1] give the official result on 0-255 images divided by 255.
-    """
-    height, width = source.shape[-2:]
-    if math.floor(min(height, width) * beta + 1e-9) == 0:  # decided on the host: no device sync per step
-        return source
-    band = low_frequency_band(height, width, beta, source.device)
-    if target.shape[-2:] != source.shape[-2:]:
-        target = F.interpolate(target.float(), size=(height, width), mode="bilinear", align_corners=False)
-    spectrum = torch.fft.fft2(source.float())                        # (N, 3, H, W) complex
-    amplitude = torch.where(band, torch.fft.fft2(target.float()).abs(), spectrum.abs())
-    mixed = torch.polar(amplitude, spectrum.angle())
-    return torch.fft.ifft2(mixed).real
-
-
-@dataclass(frozen=True)
-class FDAOptions:
-    beta: float = 0.01                  # band size: b = floor(min(H, W) * beta); FDA: 0.01, 0.05, 0.09
-
-
-class FDA(Component):
-    """Fourier Domain Adaptation as an online batch transform: each source image takes the
-    low-frequency amplitude spectrum of a random image of the target batch, before any forward.
-    No loss of its own: list ``source_ce`` (and ``minent`` with robust_eta = 2) beside it.
-    Visual: source | source in target style | that target image."""
-
-    name = "fda"
-    Options = FDAOptions
-    uses_source = True
-    uses_target = True
-
-    def __init__(self, options: FDAOptions, setup: ComponentSetup):
-        super().__init__(options, setup)
-        check_nonnegative(options, ("beta",), f"recipe {setup.recipe.name!r}: components.{self.name}")
-        self._panel: list[Tensor] = []
-
-    def prepare_batches(self, ctx: StepContext) -> None:
-        source, target = ctx.source.images, ctx.target.images
-        pick = torch.randint(target.shape[0], (source.shape[0],), device=target.device)
-        with torch.no_grad():
-            styled = fda_transfer(source, target[pick], self.options.beta)
-        if source.is_contiguous(memory_format=torch.channels_last):
-            styled = styled.contiguous(memory_format=torch.channels_last)
-        self._panel = [source[0].detach(), styled[0].detach(), target[pick[0]].detach()]
-        ctx.source.images = styled
-
-    def visuals(self, ctx: StepContext) -> dict[str, Tensor]:
-        if not self._panel:
-            return {}
-        return {"fda": side_by_side([to_uint8(image) for image in self._panel])}

@@ -1,9 +1,10 @@
-"""``da-seg translate RECIPE``: train a CycleGAN translator, then write the translated source as a
-new labelled domain that recipes train on by name.
+"""The ``translate`` stage (``stage = "translate"``; also ``da-seg translate RECIPE``): train a
+CycleGAN translator, then write the translated source as a new labelled domain that recipes train
+on by name. Its settings are the recipe's ``[translate]`` table (:class:`TranslateOptions`).
 
-1. Training: the recipe's ``[components.cyclegan]`` runs through the one loop (``da_seg.runs.train``:
-   checkpoints, ``--resume``, AMP, torchrun, TensorBoard with the translation panels). A finished
-   run of the same recipe and seed is reused, an interrupted one resumed.
+1. Training: the recipe's ``[components.cyclegan]`` runs through the one loop (``da_seg.runs``:
+   checkpoints, resume, AMP, torchrun, TensorBoard with the translation panels), scoring no
+   segmenter. A finished run of the same recipe and seed is reused, an interrupted one resumed.
 2. Writing: every image of the source's splits (``splits`` option; default all: train and val) goes
    through G_st at its full resolution (one fully-convolutional pass, or overlapping blended tiles
    for frames larger than ``tile``) and is saved as PNG under the output folder, same relative
@@ -16,7 +17,7 @@ new labelled domain that recipes train on by name.
    (relative to the new root when both lie under ``$DA_SEG_DATA``), never copied; classes and the
    ``[label]`` decoding are copied from the source descriptor.
 
-Output folder: ``--out``, else ``components.cyclegan.output_dir`` (absolute or under
+Output folder: ``--out``, else ``translate.output_dir`` (absolute or under
 ``$DA_SEG_DATA``), else beside the source root: ``<source root>/../<output_domain>`` (for the synthetic
 domains that keeps the translated images under the generator's stamp, which ``da-seg synth``
 removes with the data they were made from).
@@ -29,6 +30,7 @@ import shutil
 import time
 import tomllib
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,12 +40,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from da_seg.config import ConfigError, Recipe, load_recipe
+from da_seg.config import ConfigError, Recipe
 from da_seg.data.domains import Domain, load_domain, resolve_root
-from da_seg.engine import distributed as du
-from da_seg.methods.base import parse_options
-from da_seg.methods.style import CycleGAN, CycleGANOptions
+from da_seg.engine.checkpoint import load_checkpoint
+from da_seg.engine.trainer import amp_dtype_for, pick_device
+from da_seg.methods.base import OptionError, parse_options
+from da_seg.methods.common import check_nonnegative
+from da_seg.methods.cyclegan import CycleGAN, CycleGANOptions
 from da_seg.models.cyclegan import ResnetGenerator, translate
+from da_seg.runs import train_or_resume
+from da_seg.stages.base import parse_stage_options
+from da_seg.utils import distributed as du
+from da_seg.utils.files import save_image_atomic, write_json_atomic, write_text_atomic
+from da_seg.utils.progress import Progress
+from da_seg.utils.tomlio import dumps_toml
 
 MARKER = "translation.json"
 
@@ -52,15 +62,32 @@ class TranslationExistsError(ValueError):
     """The output folder holds images another checkpoint (or something else) wrote."""
 
 
-def translation_options(recipe: Recipe) -> CycleGANOptions:
-    if not is_translation_recipe(recipe):
-        raise ConfigError(f"recipe {recipe.name!r}: `da-seg translate` needs [components.{CycleGAN.name}]")
+@dataclass(frozen=True)
+class TranslateOptions:
+    """The recipe's ``[translate]`` table: where and how the translated source is written."""
+
+    output_domain: str = ""             # name of the translated domain; "" = <source>_cyclegan
+    output_dir: str = ""                # its folder: absolute or under $DA_SEG_DATA; "" = beside the source root
+    splits: tuple[str, ...] = ()        # source splits to translate; () = all of them
+    tile: int = 2048                    # frames larger than this (either side) are translated in tiles ...
+    tile_overlap: int = 256             # ... overlapping by this much, blended; 0 = always whole
+
+    def __post_init__(self):
+        object.__setattr__(self, "splits", tuple(self.splits))
+        check_nonnegative(self, ("tile", "tile_overlap"))
+        if self.tile and self.tile_overlap >= self.tile:
+            raise OptionError("tile_overlap", f"= {self.tile_overlap} must be smaller than tile = {self.tile}")
+
+
+def generator_options(recipe: Recipe) -> CycleGANOptions:
+    if CycleGAN.name not in recipe.components:
+        raise ConfigError(f"recipe {recipe.name!r}: the translate stage needs [components.{CycleGAN.name}]")
     return parse_options(CycleGAN, dict(recipe.components[CycleGAN.name] or {}), recipe.name)
 
 
-def output_location(recipe: Recipe, source: Domain, out: str | Path | None = None) -> tuple[str, Path]:
+def output_location(recipe: Recipe, options: TranslateOptions, source: Domain,
+                    out: str | Path | None = None) -> tuple[str, Path]:
     """(name of the translated domain, its folder)."""
-    options = translation_options(recipe)
     name = options.output_domain or f"{source.name}_{CycleGAN.name}"
     if out is not None:
         folder = Path(out).expanduser().absolute()
@@ -78,8 +105,6 @@ def default_descriptor_dir() -> Path:
 
 def load_generator(checkpoint: Path, options: CycleGANOptions, device: torch.device) -> ResnetGenerator:
     """G_st of a translate run's checkpoint, in eval mode."""
-    from da_seg.engine.checkpoint import load_checkpoint
-
     state = load_checkpoint(checkpoint)
     saved = state.get("components", {}).get(CycleGAN.name)
     if saved is None:
@@ -130,6 +155,8 @@ def translated_descriptor(name: str, source: Domain, splits: Sequence[str], fold
     }
     if "label" in raw:
         descriptor["label"] = raw["label"]
+    if source.generator:  # made from generated files: checked against their generator like them
+        descriptor["generator"] = source.generator
     descriptor["splits"] = tables
     return descriptor
 
@@ -152,11 +179,8 @@ class _SourceImages(torch.utils.data.Dataset):
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
-    """(H, W, 3) uint8 -> PNG, via a hidden temporary file and a rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """(H, W, 3) uint8 -> PNG, atomically (never half a file)."""
+    save_image_atomic(Image.fromarray(image), path)
 
 
 def _check_marker(folder: Path, identity: dict[str, Any], overwrite: bool, splits: Sequence[str]) -> None:
@@ -180,7 +204,8 @@ def _check_marker(folder: Path, identity: dict[str, Any], overwrite: bool, split
     marker.unlink(missing_ok=True)
 
 
-def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str | Path | None = None,
+def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: TranslateOptions, *,
+                            out: str | Path | None = None,
                             descriptor_dir: str | Path | None = None, device: str = "auto",
                             overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Translate the source's splits with the checkpoint's G_st and write the new domain.
@@ -188,14 +213,9 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str 
     Under torchrun every rank translates its share of each split; rank 0 writes the marker and
     the descriptor. Returns the summary stored in ``translation.json``.
     """
-    from da_seg.engine.checkpoint import load_checkpoint, write_text_atomic
-    from da_seg.engine.logging import Progress
-    from da_seg.engine.trainer import amp_dtype_for, pick_device
-
     checkpoint = Path(checkpoint).absolute()
-    options = translation_options(recipe)
     source = load_domain(recipe.data.source)
-    name, folder = output_location(recipe, source, out)
+    name, folder = output_location(recipe, options, source, out)
     splits = list(options.splits) or list(source.splits)
     for split in splits:
         source.split_spec(split)  # unknown split: fail before any work
@@ -209,10 +229,10 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str 
     if rank == 0:
         _check_marker(folder, identity, overwrite, splits)
         folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps({**identity, "complete": False}, indent=1), folder / MARKER)
+        write_json_atomic({**identity, "complete": False}, folder / MARKER)
     du.barrier()
 
-    generator = load_generator(checkpoint, options, dev)
+    generator = load_generator(checkpoint, generator_options(recipe), dev)
     amp = amp_dtype_for(recipe.train.amp, dev)
     autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
     start = time.perf_counter()
@@ -248,12 +268,10 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str 
     target = load_domain(recipe.data.target).name
     summary = {**identity, "complete": True, "domain": name, "folder": str(folder), "splits": splits,
                "counts": counts, "recipe": recipe.name, "target_domain": target,
-               "generator": {"ngf": options.ngf, "n_blocks": options.n_blocks},
+               "generator": {"ngf": generator_options(recipe).ngf, "n_blocks": generator_options(recipe).n_blocks},
                "tile": options.tile, "tile_overlap": options.tile_overlap,
                "seconds_this_pass": round(time.perf_counter() - start, 1)}
     if rank == 0:
-        from da_seg.data.prepare import dumps_toml
-
         descriptor_dir = Path(descriptor_dir) if descriptor_dir is not None else default_descriptor_dir()
         descriptor_dir.mkdir(parents=True, exist_ok=True)
         description = (f"{source.name} translated to the style of {target} by CycleGAN "
@@ -263,33 +281,56 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str 
         header = f"# Written by `da-seg translate` from {checkpoint}; labels are read from {source.name}'s folders.\n"
         write_text_atomic(header + dumps_toml(descriptor), path)
         summary["descriptor"] = str(path)
-        write_text_atomic(json.dumps(summary, indent=1), folder / MARKER)
+        write_json_atomic(summary, folder / MARKER)
     return summary
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
 
-def is_translation_recipe(recipe: Recipe) -> bool:
-    """Recipes whose components train no segmenter (CycleGAN): `da-seg sweep` hands them to
-    :func:`run_translate`, which also writes the translated domain."""
-    return CycleGAN.name in recipe.components
-
-
 def run_translate(recipe_path: str | Path, *, overrides: Sequence[str] = (), runs_root: str | Path = "runs",
                   checkpoint: str | Path | None = None, out: str | Path | None = None,
                   descriptor_dir: str | Path | None = None, overwrite: bool = False, device: str = "auto",
                   progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse / resume) the recipe's translator, then write the translated domain."""
-    from da_seg.selftrain import train_or_resume
+    """Train (or reuse / resume) the recipe's translator, then write the translated domain;
+    returns the summary stored in ``translation.json`` (with ``run_dir``)."""
+    from da_seg.config import load_recipe
+    from da_seg.methods import validate
 
     recipe = load_recipe(recipe_path, tuple(overrides))
-    translation_options(recipe)
+    validate(recipe)
+    options = parse_stage_options(TranslateStage, recipe)
+    generator_options(recipe)
+    run_dir = None
     if checkpoint is None:
-        run_dir = train_or_resume(recipe, Path(runs_root), device=device, progress=progress)
+        # The translator scores no segmenter: nothing to evaluate but its panels.
+        run_dir = train_or_resume(recipe, Path(runs_root), device=device, progress=progress, val_domains=())
         checkpoint = run_dir / "last.pt"
-    return write_translated_domain(checkpoint, recipe, out=out, descriptor_dir=descriptor_dir, device=device,
-                                   overwrite=overwrite, progress=progress)
+    summary = write_translated_domain(checkpoint, recipe, options, out=out, descriptor_dir=descriptor_dir,
+                                      device=device, overwrite=overwrite, progress=progress)
+    if progress and "descriptor" in summary:
+        total = sum(c["images"] for c in summary["counts"].values())
+        click.echo(f"domain {summary['domain']!r}: {total} images in {summary['folder']}; "
+                   f"descriptor {summary['descriptor']}")
+    return {**summary, "run_dir": str(run_dir if run_dir is not None else Path(checkpoint).parent)}
+
+
+class TranslateStage:
+    """Train the translator (once: it does not depend on the downstream seed), write the domain."""
+
+    name = "translate"
+    Options = TranslateOptions
+    per_seed = False
+
+    @staticmethod
+    def run(recipe_path: Path, *, overrides: Sequence[str] = (), runs_root: Path, device: str = "auto",
+            progress: bool = True, label: str = "", **options) -> Path:
+        """Returns the translator's run folder."""
+        if label:
+            print(f"[sweep] {label}: translate stage")
+        summary = run_translate(recipe_path, overrides=overrides, runs_root=runs_root, device=device,
+                                progress=progress, **options)
+        return Path(summary["run_dir"])
 
 
 @click.command("translate")
@@ -300,7 +341,7 @@ def run_translate(recipe_path: str | Path, *, overrides: Sequence[str] = (), run
 @click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Translate with this translate-run checkpoint instead of training (or reusing) one.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Folder for the translated images (default: components.cyclegan.output_dir, else beside "
+              help="Folder for the translated images (default: translate.output_dir, else beside "
                    "the source's root).")
 @click.option("--descriptor-dir", default=None, type=click.Path(file_okay=False),
               help="Where the new domain's descriptor goes (default: the first $DA_SEG_DATASETS dir, else ./datasets).")
@@ -309,14 +350,14 @@ def run_translate(recipe_path: str | Path, *, overrides: Sequence[str] = (), run
 @click.option("--no-progress", is_flag=True)
 def translate_command(recipe, overrides, seed, runs_root, checkpoint, out, descriptor_dir, overwrite, device,
                       no_progress):
-    """Train a CycleGAN translator (RECIPE with [components.cyclegan]), then write the translated
+    """Train a CycleGAN translator (RECIPE with stage = "translate"), then write the translated
     source as a new domain. Resumable: run the same command again to continue."""
     if seed is not None:
         overrides = (*overrides, f"train.seed={seed}")
     summary = run_translate(recipe, overrides=overrides, runs_root=runs_root, checkpoint=checkpoint, out=out,
                             descriptor_dir=descriptor_dir, overwrite=overwrite, device=device,
                             progress=not no_progress)
-    if "descriptor" in summary:
+    if no_progress and "descriptor" in summary:
         total = sum(c["images"] for c in summary["counts"].values())
         click.echo(f"domain {summary['domain']!r}: {total} images in {summary['folder']}; "
                    f"descriptor {summary['descriptor']}")

@@ -22,6 +22,23 @@ COLORMAP_POINTS = torch.tensor([
 ], dtype=torch.float32)
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """(..., 3, H, W) float in [0, 1] -> uint8 on the CPU (clamped, rounded); no gradient."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+def side_by_side(images: list[Tensor]) -> Tensor:
+    """(3, h_i, w_i) uint8 images -> one (3, H, sum w) row at the first image's height."""
+    height = images[0].shape[-2]
+    row = []
+    for image in images:
+        if image.shape[-2] != height:
+            width = max(1, round(image.shape[-1] * height / image.shape[-2]))
+            image = F.interpolate(image[None].float(), size=(height, width), mode="bilinear",
+                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        row.append(image)
+    return torch.cat(row, dim=2)
+
+
 def _as_tensor(array) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
 

@@ -1,0 +1,56 @@
+"""The first step of every training step: a domain's next batch, decoded, moved and augmented."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from da_seg.data.augment import BatchAugment
+from da_seg.data.datasets import SegmentationDataset
+from da_seg.data.domains import Domain
+from da_seg.data.loaders import infinite_loader
+from da_seg.methods.base import DomainBatch
+
+
+class AugmentedStream:
+    """An endless, resumable stream of one domain's augmented batches on the device.
+
+    The loader (and its worker processes) starts on the first ``next()``, at batch ``start``:
+    a resumed run sees the same batches as an uninterrupted one. ``sampler``: a factory
+    ``dataset -> sampler`` (rare class sampling), else a seeded permutation stream.
+    """
+
+    def __init__(self, domain: Domain, split: str, *, with_labels: bool, size, batch_size: int, seed: int,
+                 num_workers: int, augment: BatchAugment, device: torch.device, start: int = 0, rank: int = 0,
+                 world_size: int = 1, channels_last: bool = False, sampler: Callable | None = None):
+        self.domain, self.split, self.with_labels, self.size = domain, split, with_labels, size
+        self.batch_size, self.seed, self.num_workers, self.start = batch_size, seed, num_workers, start
+        self.augment, self.device, self.channels_last = augment, device, channels_last
+        self.rank, self.world_size, self.sampler = rank, world_size, sampler
+        self._iterator = None
+
+    def _open(self):
+        dataset = SegmentationDataset(self.domain, self.split, with_labels=self.with_labels, size=self.size)
+        sampler = self.sampler(dataset) if self.sampler is not None else None
+        return infinite_loader(dataset, self.batch_size, seed=self.seed, start_batch=self.start,
+                               num_workers=self.num_workers, rank=self.rank, world_size=self.world_size,
+                               pin_memory=self.device.type == "cuda", sampler=sampler)
+
+    def next(self) -> DomainBatch:
+        """images (N, 3, H, W) float in [0, 1] after augmentation; labels (N, H, W) int64 or None."""
+        if self._iterator is None:
+            self._iterator = self._open()
+        raw = next(self._iterator)
+        labels = raw["label"].to(self.device, non_blocking=True) if self.with_labels else None
+        images, labels = self.augment(raw["image"].to(self.device, non_blocking=True), labels)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return DomainBatch(images, labels, raw["index"])
+
+    def close(self) -> None:
+        """Stop the loader's worker processes. Persistent workers otherwise outlive the run: a
+        sweep, which trains many runs in one process, would keep every run's workers."""
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iterator = None
