@@ -9,7 +9,9 @@ the recipe's other domains, or 19.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -40,22 +42,31 @@ def _classes(recipe: Recipe) -> tuple[int, str]:
     return (counts[0] if counts else DEFAULT_CLASSES), note
 
 
+def _uninitialized(recipe: Recipe, num_classes: int) -> torch.nn.Module:
+    """The recipe's segmenter with uninitialized CPU weights: built once per architecture on the
+    meta device (initializing ResNet-101 or MiT-B5 would take most of the check's time)."""
+    key = (recipe.model.name, json.dumps(recipe.model.options, sort_keys=True), num_classes)
+    if key not in _ARCHITECTURES:
+        with torch.device("meta"):
+            _ARCHITECTURES[key] = build_segmenter(recipe, num_classes, pretrained="")
+    return copy.deepcopy(_ARCHITECTURES[key]).to_empty(device="cpu")
+
+
+_ARCHITECTURES: dict[tuple, torch.nn.Module] = {}
+
+
 def check_recipe(path: Path, overrides: Sequence[str] = ()) -> tuple[str | None, str]:
     """(None or the error message, a note). Never raises for a bad recipe."""
     try:
         recipe = load(path, overrides)
         num_classes, note = _classes(recipe)
-        device = torch.device("meta")
-        with device:
-            model = build_segmenter(recipe, num_classes, pretrained="")
+        def fresh(*_, **__):  # stands in for weight files and checkpoints: nothing is read
+            return _uninitialized(recipe, num_classes)
 
-            def fresh(*_, **__):  # stands in for weight files and checkpoints: nothing is read
-                return build_segmenter(recipe, num_classes, pretrained="")
-
-            setup = component_setup(recipe, model, device)
-            setup = dataclasses.replace(setup, build_segmenter=fresh, load_trained=fresh)
-            build_components(recipe.components, setup, source=str(path))
+        setup = dataclasses.replace(component_setup(recipe, fresh(), torch.device("cpu")), build_segmenter=fresh,
+                                    load_trained=fresh)
+        build_components(recipe.components, setup, source=str(path))
         return None, note
-    except (ConfigError, DomainError, KeyError, ValueError, TypeError, FileNotFoundError) as err:
+    except (ConfigError, DomainError, KeyError, ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         return str(message), ""

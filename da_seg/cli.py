@@ -225,6 +225,8 @@ def check(recipes, overrides):
     for path in recipes:
         problem, note = check_recipe(Path(path), tuple(overrides))
         failed += problem is not None
+        if problem and problem.startswith(f"{path}: "):  # the line already names the file
+            problem = problem[len(path) + 2:]
         click.echo(f"{path}: " + (f"error: {problem}" if problem else "OK" + (f" ({note})" if note else "")))
     if failed:
         click.echo(f"{failed} of {len(recipes)} recipes failed", err=True)

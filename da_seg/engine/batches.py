@@ -1,6 +1,7 @@
 """The first step of every training step: a domain's next batch, decoded, moved and augmented."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -9,6 +10,7 @@ from da_seg.data.augment import BatchAugment
 from da_seg.data.datasets import SegmentationDataset
 from da_seg.data.domains import Domain
 from da_seg.data.loaders import infinite_loader
+from da_seg.data.rare_class import RareClassSampler
 from da_seg.methods.base import DomainBatch
 
 
@@ -54,3 +56,28 @@ class AugmentedStream:
         if shutdown is not None:
             shutdown()
         self._iterator = None
+
+
+def training_streams(trainer) -> tuple[AugmentedStream | None, AugmentedStream | None]:
+    """A ``Trainer``'s source and target streams (None for a domain no component uses), starting
+    at its iteration, with the seeds, samplers and augmentations its recipe names."""
+    recipe, data, dist = trainer.recipe, trainer.recipe.data, trainer.dist
+    common = dict(batch_size=data.batch_size, num_workers=data.num_workers, device=trainer.device,
+                  start=trainer.iteration, rank=dist.rank, world_size=dist.world_size,
+                  channels_last=recipe.model.channels_last)
+    source = target = None
+    if trainer.uses_source:
+        sampler = None
+        if data.sampler == "rare_class":  # DAFormer's rare class sampling of the source
+            sampler = functools.partial(RareClassSampler.for_dataset, temperature=data.rare_class_temperature,
+                                        min_pixels=data.rare_class_min_pixels, seed=recipe.train.seed,
+                                        rank=dist.rank, world_size=dist.world_size,
+                                        start=trainer.iteration * data.batch_size)
+        source = AugmentedStream(trainer.source_domain, data.source_split, with_labels=True, size=data.source_size,
+                                 seed=recipe.train.seed * 7919, augment=trainer.source_augment, sampler=sampler,
+                                 **common)
+    if trainer.uses_target:
+        target = AugmentedStream(trainer.target_domain, data.target_split, with_labels=trainer.target_labels,
+                                 size=data.target_size, seed=recipe.train.seed * 7919 + 1,
+                                 augment=trainer.target_augment, **common)
+    return source, target

@@ -174,6 +174,13 @@ def restore_training_state(trainer, state: dict[str, Any]) -> None:
     trainer.evaluations = list(state["evaluations"])
 
 
+def describe_last(run_dir: Path | None) -> str:
+    """Which ``last.pt`` a stopped run keeps, and its iteration (for the stop message)."""
+    if run_dir is not None and (Path(run_dir) / "last.pt").exists():
+        return f"{Path(run_dir) / 'last.pt'} at iteration {load_checkpoint(Path(run_dir) / 'last.pt')['iteration']}"
+    return "none was written yet"
+
+
 def check_resumable(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
     """Refuse to resume a checkpoint with a recipe that trains something else."""
     old, new = state["recipe"], recipe.to_dict()

@@ -1,6 +1,7 @@
 """The only place that writes TensorBoard events, and the loss meter of the training loop."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from da_seg.utils.files import write_json_atomic
 
 
 class RunLogger:
@@ -128,3 +131,12 @@ def run_metrics(trainer) -> dict[str, Any]:
         "model": recipe.model.name, "evaluations": trainer.evaluations,
         "last": trainer.evaluations[-1] if trainer.evaluations else None, "best": trainer.best,
     }
+
+
+def mark_failed(run_dir: Path, status: str) -> None:
+    """Record a stopped run's status in its ``metrics.json`` (when one was written)."""
+    path = Path(run_dir) / "metrics.json"
+    if path.exists():
+        metrics = json.loads(path.read_text())
+        metrics["status"] = status
+        write_json_atomic(metrics, path)

@@ -13,7 +13,6 @@ state is ``engine/checkpoint.py``'s; metrics.json and HParams are ``engine/loggi
 from __future__ import annotations
 
 import functools
-import json
 import random
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,12 +27,11 @@ from da_seg.config import Recipe, to_toml
 from da_seg.data.augment import BatchAugment
 from da_seg.data.domains import Domain, load_domain
 from da_seg.data.generated import check_generated
-from da_seg.data.rare_class import RareClassSampler
 from da_seg.data.pseudo_labels import check_pseudo_labelled
 from da_seg.engine import checkpoint as ckpt
-from da_seg.engine.batches import AugmentedStream
+from da_seg.engine.batches import training_streams
 from da_seg.engine.evaluate import Evaluator
-from da_seg.engine.logging import LossMeter, NonFiniteLossError, RunLogger, run_metrics, write_hparams
+from da_seg.engine.logging import LossMeter, NonFiniteLossError, RunLogger, mark_failed, run_metrics, write_hparams
 from da_seg.methods import build_components
 from da_seg.methods.base import ComponentSetup, StepContext
 from da_seg.models import build_model
@@ -183,7 +181,7 @@ class Trainer:
                                    logger=self.logger, dist=self.dist, progress=progress and self.is_main)
         self.meter = LossMeter(self.device, self.iteration)
         self.show_progress = progress and self.is_main
-        self.source_stream, self.target_stream = self._streams()
+        self.source_stream, self.target_stream = training_streams(self)
         self._last_ctx: StepContext | None = None
 
     # ------------------------------------------------------------------ set-up helpers
@@ -197,28 +195,6 @@ class Trainer:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _streams(self) -> tuple[AugmentedStream | None, AugmentedStream | None]:
-        recipe, data, dist = self.recipe, self.recipe.data, self.dist
-        common = dict(batch_size=data.batch_size, num_workers=data.num_workers, device=self.device,
-                      start=self.iteration, rank=dist.rank, world_size=dist.world_size,
-                      channels_last=recipe.model.channels_last)
-        source = target = None
-        if self.uses_source:
-            sampler = None
-            if data.sampler == "rare_class":  # DAFormer's rare class sampling of the source
-                sampler = functools.partial(RareClassSampler.for_dataset, temperature=data.rare_class_temperature,
-                                            min_pixels=data.rare_class_min_pixels, seed=recipe.train.seed,
-                                            rank=dist.rank, world_size=dist.world_size,
-                                            start=self.iteration * data.batch_size)
-            source = AugmentedStream(self.source_domain, data.source_split, with_labels=True, size=data.source_size,
-                                     seed=recipe.train.seed * 7919, augment=self.source_augment, sampler=sampler,
-                                     **common)
-        if self.uses_target:
-            target = AugmentedStream(self.target_domain, data.target_split, with_labels=self.target_labels,
-                                     size=data.target_size, seed=recipe.train.seed * 7919 + 1,
-                                     augment=self.target_augment, **common)
-        return source, target
 
     # ------------------------------------------------------------------ the step
     def next_batches(self):
@@ -347,8 +323,10 @@ class Trainer:
             bar.close()
         except NonFiniteLossError as err:
             self.status = "failed: non-finite loss"
-            self._write_failure_status()
-            raise NonFiniteLossError(f"{err} Stopped; the last good checkpoint is kept ({self._last_checkpoint()}). "
+            if self.is_main and self.run_dir is not None:
+                mark_failed(self.run_dir, self.status)
+            raise NonFiniteLossError(f"{err} Stopped; the last good checkpoint is kept "
+                                     f"({ckpt.describe_last(self.run_dir)}). "
                                      "Lower optim.lr, set optim.grad_clip, or check the inputs, then resume with "
                                      "--resume.") from None
         finally:
@@ -365,18 +343,6 @@ class Trainer:
         for stream in (self.source_stream, self.target_stream):
             if stream is not None:
                 stream.close()
-
-    def _last_checkpoint(self) -> str:
-        if self.run_dir is not None and (self.run_dir / "last.pt").exists():
-            state = ckpt.load_checkpoint(self.run_dir / "last.pt")
-            return f"{self.run_dir / 'last.pt'} at iteration {state['iteration']}"
-        return "none was written yet"
-
-    def _write_failure_status(self) -> None:
-        if self.is_main and self.run_dir is not None and (self.run_dir / "metrics.json").exists():
-            metrics = json.loads((self.run_dir / "metrics.json").read_text())
-            metrics["status"] = self.status
-            write_json_atomic(metrics, self.run_dir / "metrics.json")
 
 
 def _seed_everything(seed: int) -> None:
