@@ -25,17 +25,28 @@ from da_seg.models.segmenter import upsample_logits
 PREDICT_MODES = ("whole", "slide")
 
 
+def check_windows(crop: tuple[int, int], stride: tuple[int, int]) -> None:
+    """Refuse sliding-window settings that cannot cover an image: sizes must be positive and
+    the stride at most the crop along each axis (a wider step leaves a gap between windows,
+    whose pixels would be scored with no prediction behind them)."""
+    if any(v <= 0 for v in (*crop, *stride)):
+        raise ValueError(f"crop {tuple(crop)} and stride {tuple(stride)} must be positive")
+    if any(step > window for window, step in zip(crop, stride)):
+        raise ValueError(f"eval.stride {tuple(stride)} is larger than eval.crop {tuple(crop)}: pixels "
+                         f"between windows would never be predicted")
+
+
 def sliding_windows(size: tuple[int, int], crop: tuple[int, int],
                     stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """Windows ``(top, left, bottom, right)`` of ``crop`` (clipped to ``size``) every ``stride``.
 
-    The last window in each direction is shifted back to end at the border, so every pixel
-    is covered whatever the image size; all windows have the same shape.
+    The last window in each direction is shifted back to end at the border and the stride is
+    at most the crop (:func:`check_windows`), so every pixel is covered whatever the image
+    size; all windows have the same shape.
     """
+    check_windows(crop, stride)
     axes = []
     for length, window, step in zip(size, crop, stride):
-        if window <= 0 or step <= 0:
-            raise ValueError(f"crop {tuple(crop)} and stride {tuple(stride)} must be positive")
         window = min(window, length)
         count = -(-(length - window) // step) + 1  # ceil division
         axes.append((sorted({min(i * step, length - window) for i in range(count)}), window))
@@ -100,8 +111,8 @@ def predict(model: nn.Module, images: Tensor, *, output_size: tuple[int, int] | 
     images:      (N, 3, H, W) float RGB in [0, 1].
     output_size: (H_out, W_out) of the returned map, normally the label size; default (H, W).
     mode:        "whole" (one forward, logits upsampled bilinearly) or "slide" (``crop``-sized
-                 windows every ``stride``, default ``stride = crop``; softmax averaged where
-                 windows overlap).
+                 windows every ``stride``, default ``stride = crop``, never larger; softmax
+                 averaged where windows overlap).
     input_size:  resize the input to this (H, W) before the network (e.g. 1024x512 inputs
                  scored against 2048x1024 labels).
     flip:        also run the horizontally flipped images and average the probabilities.
@@ -117,6 +128,7 @@ def predict(model: nn.Module, images: Tensor, *, output_size: tuple[int, int] | 
             raise ValueError("mode='slide' needs crop=(h, w)")
         crop = tuple(crop)
         stride = tuple(stride) if stride is not None else crop
+        check_windows(crop, stride)  # before any forward
     output_size = tuple(output_size) if output_size is not None else tuple(images.shape[-2:])
     if input_size is not None and tuple(input_size) != tuple(images.shape[-2:]):
         images = F.interpolate(images, size=tuple(input_size), mode="bilinear",

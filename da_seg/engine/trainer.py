@@ -38,7 +38,7 @@ from da_seg.data.synthetic import check_synthetic
 from da_seg.engine import distributed as du
 from da_seg.engine.alignment import alignment_image
 from da_seg.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state, write_text_atomic
-from da_seg.engine.evaluate import evaluate, recompute_batchnorm
+from da_seg.engine.evaluate import check_windows, evaluate, recompute_batchnorm
 from da_seg.engine.logging import Progress, RunLogger
 from da_seg.engine.visualize import confusion_image, panel
 from da_seg.methods import build_components
@@ -164,6 +164,9 @@ class Trainer:
             self.val_domains = []
         if self.uses_target and self.target_domain is None:
             raise ValueError(f"recipe {recipe.name!r}: a component needs target images but data.target is empty")
+        if recipe.eval.mode == "slide" and recipe.eval.crop is not None:
+            # Fail now, not at the first evaluation eval_every iterations into training.
+            check_windows(recipe.eval.crop, recipe.eval.stride or recipe.eval.crop)
         for component in self.components:
             for name, net in component.networks.items():
                 component.networks[name] = self._wrap(net.to(self.device))
@@ -180,8 +183,8 @@ class Trainer:
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.side_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.source_augment = BatchAugment(recipe.augment.source).to(self.device)
-        self.target_augment = BatchAugment(recipe.augment.target).to(self.device)
+        self.source_augment = BatchAugment(recipe.augment.source, "source").to(self.device)
+        self.target_augment = BatchAugment(recipe.augment.target, "target").to(self.device)
 
         self.iteration = 0
         self.evaluations: list[dict] = []
