@@ -131,6 +131,7 @@ def generate_pseudo_labels(checkpoint: Path, recipe: Recipe, round_dir: Path, ro
     from da_seg.data.augment import to_float_images
     from da_seg.data.datasets import SegmentationDataset
     from da_seg.data.domains import load_domain
+    from da_seg.data.loaders import OwnErrors
     from da_seg.engine.checkpoint import load_checkpoint
     from da_seg.engine.logging import Progress
     from da_seg.engine.trainer import amp_dtype_for, pick_device, restore_model
@@ -149,8 +150,9 @@ def generate_pseudo_labels(checkpoint: Path, recipe: Recipe, round_dir: Path, ro
     num_classes = model.num_classes
 
     def predictions(indices: Sequence[int], desc: str):
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=1,
-                                             shuffle=False, num_workers=recipe.data.num_workers)
+        loader = OwnErrors(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
+                                                       batch_size=1, shuffle=False,
+                                                       num_workers=recipe.data.num_workers))
         bar = Progress(len(indices), desc, enabled=progress, every_s=30)
         for done, item in enumerate(loader, 1):
             sample = dataset.samples[int(item["index"][0])]

@@ -188,6 +188,7 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str 
     Under torchrun every rank translates its share of each split; rank 0 writes the marker and
     the descriptor. Returns the summary stored in ``translation.json``.
     """
+    from da_seg.data.loaders import OwnErrors
     from da_seg.engine.checkpoint import load_checkpoint, write_text_atomic
     from da_seg.engine.logging import Progress
     from da_seg.engine.trainer import amp_dtype_for, pick_device
@@ -227,8 +228,8 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, *, out: str 
             if not todo:
                 continue
             dataset = torch.utils.data.Subset(_SourceImages(source, samples), todo)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False,
-                                                 num_workers=recipe.data.num_workers)
+            loader = OwnErrors(torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False,
+                                                           num_workers=recipe.data.num_workers))
             bar = Progress(len(todo), f"translate {source.name} {split}", enabled=progress and rank == 0, every_s=30)
             pending: list[Future] = []
             for done, item in enumerate(loader, 1):
