@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from da_seg.utils.tomlio import dumps_toml
+from da_seg.utils.windows import check_windows
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,17 @@ class EvalConfig:
     adabn_batches: int = 50
     max_panels: int = 4
     alignment_images: int = 16          # per domain, for the source/target alignment picture; 0 = off
+
+    def __post_init__(self):
+        if self.mode not in ("whole", "slide"):
+            raise ConfigError(f"eval.mode = {self.mode!r}; valid: 'whole', 'slide'")
+        if self.mode == "slide":
+            if self.crop is None:
+                raise ConfigError("eval.mode = 'slide' needs eval.crop = [h, w] (and optionally eval.stride)")
+            try:  # fail when the recipe loads, not at the first evaluation
+                check_windows(self.crop, self.stride or self.crop)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -288,7 +300,10 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str):
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name, source)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a value check of the dataclass itself: name the file
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:

@@ -13,7 +13,7 @@ from da_seg.engine.checkpoint import load_checkpoint
 from da_seg.engine.trainer import Trainer
 from da_seg.methods import METHODS, build_components
 from da_seg.methods.adversarial import SOURCE_LABEL, TARGET_LABEL, adversarial_loss
-from da_seg.methods.base import ComponentSetup, DomainBatch, StepContext
+from da_seg.methods.base import DomainBatch, StepContext
 from da_seg.methods.entropy import weighted_self_information
 from da_seg.models.discriminator import FCDiscriminator
 from da_seg.models.small import build_deeplab_small

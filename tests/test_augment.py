@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from da_seg.config import AugmentConfig
@@ -68,3 +69,31 @@ def test_identity_config_is_identity():
     out, out_labels = aug(images, labels)
     torch.testing.assert_close(out, images.float() / 255)
     assert torch.equal(out_labels, labels)
+
+
+@pytest.mark.parametrize("crop, scale", [((41, 16), (1.0, 1.0)), ((24, 57), (0.5, 1.0)), ((81, 40), (0.5, 2.0))])
+def test_a_crop_larger_than_the_image_at_every_scale_is_refused(crop, scale):
+    aug = BatchAugment(AugmentConfig(crop=crop, scale=scale, flip=False), "source")
+    images = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8)
+    with pytest.raises(ValueError) as err:
+        aug(images, blocky(2, 40, 56))
+    message = str(err.value)
+    assert message.startswith(f"augment.source.crop {list(crop)} (HxW) is larger than the 40x56 images")
+    assert "data.source_size" in message
+
+
+@pytest.mark.parametrize("crop, scale", [((40, 56), (1.0, 1.0)), ((80, 112), (0.5, 2.0)), ((60, 20), (1.5, 1.5))])
+def test_a_crop_that_fits_at_the_largest_scale_is_taken(crop, scale):
+    aug = BatchAugment(AugmentConfig(crop=crop, scale=scale, flip=False), "target")
+    images, labels = aug(torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8), blocky(2, 40, 56))
+    assert images.shape == (2, 3, *crop) and labels.shape == (2, *crop)
+
+
+def test_trainer_stops_on_a_crop_larger_than_the_loaded_images(write_recipe):
+    from da_seg.config import load_recipe
+    from da_seg.engine.trainer import Trainer
+
+    # The tiny domains' images are 32x48 (HxW); data.source_size = [16, 24] halves them on load.
+    recipe = load_recipe(write_recipe(), ["augment.source.crop=[24, 24]", "data.source_size=[16, 24]"])
+    with pytest.raises(ValueError, match=r"augment.source.crop \[24, 24\] \(HxW\) is larger than the 16x24"):
+        Trainer(recipe, None, progress=False).step()

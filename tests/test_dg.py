@@ -17,7 +17,7 @@ from da_seg.engine.trainer import component_setup
 from da_seg.config import ConfigError, load_recipe, recipe_from_dict
 from da_seg.engine.compare import collect_runs, compare_table, summarize
 from da_seg.methods import METHODS, build_components
-from da_seg.methods.base import ComponentSetup, DomainBatch, StepContext, parse_options
+from da_seg.methods.base import DomainBatch, StepContext, parse_options
 from da_seg.methods.common import instance_covariance
 from da_seg.methods.isw import InstanceSelectiveWhitening, isw_loss, sensitive_mask
 from da_seg.methods.san_saw import saw_loss

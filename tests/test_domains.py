@@ -5,6 +5,7 @@ import builtins
 import dataclasses
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,9 @@ def isolated(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", OWN_DESCRIPTORS)
 def test_shipped_descriptors_load(name, isolated):
-    domain = load_domain(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shared display colours, no other complaint
+        domain = load_domain(name)
     assert domain.name == name and domain.descriptor == REPO_DATASETS / f"{name}.toml"
     assert domain.root == isolated / "data" / domain.root.relative_to(isolated / "data")
     assert domain.splits and domain.layout
@@ -276,3 +279,92 @@ def test_domain_is_a_frozen_dataclass(isolated):
     assert moved.root == isolated and moved.label_spec == domain.label_spec
     with pytest.raises(dataclasses.FrozenInstanceError):
         domain.name = "x"
+
+
+RGB_DESCRIPTOR = """
+root = "r"
+[classes]
+names = ["road", "car", "sky", "tree"]
+colors = [[128, 64, 128], [0, 0, 142], [70, 130, 180], [107, 142, 35]]
+[label]
+encoding = "rgb"
+rgb_map = [{entries}]
+ignore_values = [{ignored}]
+[splits.train]
+images = "img"
+labels = "ann"
+"""
+
+INDEX_DESCRIPTOR = """
+root = "r"
+[classes]
+names = ["road", "car", "sky", "tree"]
+colors = [[128, 64, 128], [0, 0, 142], [70, 130, 180], [107, 142, 35]]
+[label]
+encoding = "index"
+{id_map}
+ignore_values = [{ignored}]
+[splits.train]
+images = "img"
+labels = "ann"
+"""
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # One colour, two classes: the lookup kept the later entry and "road" never appeared.
+        (RGB_DESCRIPTOR.format(entries="[128, 64, 128, 0], [0, 0, 142, 1], [128, 64, 128, 3]", ignored=""),
+         "label.rgb_map: colour [128, 64, 128] is mapped to train ids 0 and 3 (entries 0 and 2)"),
+        (RGB_DESCRIPTOR.format(entries="[128, 64, 128, 0], [0, 0, 142, 1]", ignored="[0, 0, 0], [0, 0, 142]"),
+         "label.ignore_values: colour [0, 0, 142] (entry 1) is also label.rgb_map[1] -> 1"),
+        (INDEX_DESCRIPTOR.format(id_map='id_map = { "7" = 0, "26" = 1, "23" = 2 }', ignored="0, 7"),
+         'label.ignore_values: raw value 7 is also label.id_map key "7" -> 0'),
+        # TOML keys are strings: "7" and "07" are two keys but one raw value.
+        (INDEX_DESCRIPTOR.format(id_map='id_map = { "7" = 0, "26" = 1, "07" = 3 }', ignored=""),
+         'label.id_map: keys "7" and "07" are both raw value 7, mapped to train ids 0 and 3'),
+        (INDEX_DESCRIPTOR.format(id_map='id_map = { "7" = 0, "255" = 1 }', ignored=""),
+         'label.id_map: key "255" -> 1, but raw value 255 always means ignore'),
+        (INDEX_DESCRIPTOR.format(id_map="", ignored="9, 2"),
+         "label.ignore_values: raw value 2 (entry 1) is train id 2 under the identity mapping"),
+    ],
+)
+def test_contradictory_label_mappings_fail_at_load(isolated, text, expected):
+    path = write_descriptor(isolated, "d", text)
+    with pytest.raises(DomainError) as err:
+        load_domain(str(path))
+    assert str(err.value).startswith(f"{path}: {expected}")
+
+
+def test_repeated_entries_with_the_same_target_are_not_contradictions(isolated):
+    text = RGB_DESCRIPTOR.format(entries="[128, 64, 128, 0], [0, 0, 142, 1], [128, 64, 128, 0], [9, 9, 9, 255]",
+                                 ignored="[9, 9, 9]")
+    spec = load_domain(str(write_descriptor(isolated, "d", text))).label_spec
+    colours = np.array([[[128, 64, 128], [0, 0, 142], [9, 9, 9]]], np.uint8)
+    assert spec.to_train_ids(colours, "x.png").tolist() == [[0, 1, 255]]
+    text = INDEX_DESCRIPTOR.format(id_map='id_map = { "7" = 0, "07" = 0, "3" = 255, "26" = 1 }', ignored="3, 0")
+    spec = load_domain(str(write_descriptor(isolated, "e", text))).label_spec
+    assert spec.to_train_ids(np.array([[7, 3, 0, 26]], np.uint8), "x.png").tolist() == [[0, 255, 255, 1]]
+
+
+def test_classes_sharing_a_display_colour_warn_naming_file_and_classes(isolated):
+    text = MINIMAL.format(root="r").replace("[[1, 2, 3], [4, 5, 6], [7, 8, 9]]", "[[1, 2, 3], [4, 5, 6], [1, 2, 3]]")
+    path = write_descriptor(isolated, "d", text)
+    with pytest.warns(UserWarning) as record:
+        domain = load_domain(str(path))
+    message = str(record[0].message)
+    assert str(path) in message and "'a' (0) and 'c' (2)" in message and "[1, 2, 3]" in message
+    assert domain.class_names == ("a", "b", "c")  # a warning only: the domain still loads
+
+
+def test_prepare_check_refuses_a_contradictory_descriptor(isolated, monkeypatch):
+    from click.testing import CliRunner
+
+    from da_seg.data.prepare import prepare
+
+    write_pairs(isolated / "data" / "r", n=1)
+    text = INDEX_DESCRIPTOR.format(id_map='id_map = { "0" = 0, "1" = 1, "2" = 2 }', ignored="1")
+    write_descriptor(isolated / "datasets", "d", text)
+    result = CliRunner().invoke(prepare, ["check", "d"])
+    assert result.exit_code != 0 and "no problems found" not in result.output
+    assert 'raw value 1 is also label.id_map key "1" -> 1' in result.output

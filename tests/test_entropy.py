@@ -12,7 +12,7 @@ from da_seg.engine.trainer import component_setup
 from da_seg.config import load_recipe, recipe_from_dict
 from da_seg.engine.trainer import Trainer
 from da_seg.methods import build_components
-from da_seg.methods.base import ComponentSetup, DomainBatch, StepContext
+from da_seg.methods.base import DomainBatch, StepContext
 from da_seg.methods.entropy import entropy_loss, pixel_entropy, weighted_self_information
 from da_seg.models.small import build_deeplab_small
 

@@ -48,7 +48,8 @@ def _images(*shape, seed=0):
 
 
 @pytest.mark.parametrize("size, crop, stride", [((13, 17), (6, 8), (4, 5)), ((7, 5), (9, 9), (3, 3)),
-                                                ((11, 9), (4, 4), (4, 4))])
+                                                ((11, 9), (4, 4), (4, 4)), ((30, 31), (7, 9), (7, 9)),
+                                                ((12, 40), (12, 5), (1, 5))])
 def test_sliding_windows_cover_every_pixel(size, crop, stride):
     covered = torch.zeros(size, dtype=torch.int64)
     windows = sliding_windows(size, crop, stride)
@@ -57,6 +58,33 @@ def test_sliding_windows_cover_every_pixel(size, crop, stride):
         assert bottom <= size[0] and right <= size[1]
         covered[top:bottom, left:right] += 1
     assert covered.min() >= 1
+
+
+@pytest.mark.parametrize("crop, stride", [((4, 4), (5, 4)), ((4, 4), (4, 6)), ((6, 8), (7, 9))])
+def test_a_stride_larger_than_the_crop_is_refused(crop, stride):
+    # (10, 10), crop 4, stride 5 would give windows at 0, 5, 6: rows 4 and 5 never predicted.
+    message = (f"eval.stride {stride} is larger than eval.crop {crop}: pixels between windows would "
+               f"never be predicted")
+    with pytest.raises(ValueError) as err:
+        sliding_windows((20, 20), crop, stride)
+    assert str(err.value) == message
+    forwards = []
+    model = PixelwiseSegmenter().eval()
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    with pytest.raises(ValueError, match="larger than eval.crop"):
+        predict(model, _images(1, 3, 20, 20), mode="slide", crop=crop, stride=stride)
+    assert forwards == []  # refused before any window ran
+
+
+def test_a_recipe_with_a_slide_stride_larger_than_the_crop_fails_to_load(write_recipe):
+    # Before any training: when the recipe loads, naming the file.
+    from da_seg.config import load_recipe
+
+    path = write_recipe()
+    with pytest.raises(ValueError, match=rf"{path}: eval.stride \(24, 8\) is larger than eval.crop \(16, 16\)"):
+        load_recipe(path, ['eval.mode="slide"', "eval.crop=[16, 16]", "eval.stride=[24, 8]"])
+    with pytest.raises(ValueError, match=r"eval.mode = 'slid'; valid"):
+        load_recipe(path, ['eval.mode="slid"'])
 
 
 def test_slide_equals_whole_for_a_pixelwise_model_on_odd_sizes():

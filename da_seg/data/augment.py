@@ -108,17 +108,46 @@ class PhotometricAugment(torch.nn.Module):
         return self.ops(images).clamp_(0.0, 1.0)
 
 
-class BatchAugment(torch.nn.Module):
-    """One domain's augmentation: uint8 batch -> float images in [0, 1] (+ aligned labels)."""
+def check_crop_fits(crop: tuple[int, int], scale: tuple[float, float], size: tuple[int, int],
+                    domain: str = "") -> None:
+    """Refuse a crop that is larger than the image even at the largest rescale factor.
 
-    def __init__(self, cfg: AugmentConfig):
+    ``size`` is the (H, W) of the images as loaded (``data.<domain>_size``, else the files'
+    size). The crop is taken after the random rescale, so it only has to fit the image at
+    ``max(scale)``: then some crops lie wholly inside the image, and the padding that smaller
+    factors bring is the intended scale jitter (as in mmseg's resize + crop + pad). A crop
+    larger than ``size * max(scale)`` pads every sample: training on ignored labels and black
+    borders, which is never what a recipe means.
+    """
+    top = max(scale)
+    if crop[0] > size[0] * top or crop[1] > size[1] * top:
+        key = f"augment.{domain}.crop" if domain else "the augmentation crop"
+        size_key = f"data.{domain}_size" if domain else "load size"
+        at_top = f", {size[0] * top:g}x{size[1] * top:g} at the largest scale {top:g}" if top != 1 else ""
+        raise ValueError(
+            f"{key} {list(crop)} (HxW) is larger than the {size[0]}x{size[1]} images it is applied to"
+            f"{at_top}: every crop would be partly padding. Use a smaller crop, a larger {size_key}, or a "
+            f"larger scale."
+        )
+
+
+class BatchAugment(torch.nn.Module):
+    """One domain's augmentation: uint8 batch -> float images in [0, 1] (+ aligned labels).
+
+    ``domain`` ("source", "target") names the recipe keys in error messages.
+    """
+
+    def __init__(self, cfg: AugmentConfig, domain: str = ""):
         super().__init__()
         self.cfg = cfg
+        self.domain = domain
         self.photometric = PhotometricAugment(cfg)
         self.geometric = cfg.crop is not None or cfg.flip or tuple(cfg.scale) != (1.0, 1.0)
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """images: (N, 3, H, W) uint8; labels: (N, H, W) int64 or None."""
+        if self.cfg.crop is not None:  # shapes are host ints: no device sync
+            check_crop_fits(self.cfg.crop, self.cfg.scale, tuple(images.shape[-2:]), self.domain)
         images = to_float_images(images)
         if self.geometric:
             images, labels = random_geometry(images, labels, self.cfg.crop, self.cfg.scale, self.cfg.flip)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -567,7 +568,24 @@ def _parse_classes(classes: Mapping[str, Any], rd: _Reader):
         raise rd.fail("classes.colors", f"is required with names ({len(names)} [r, g, b] entries)")
     if len(colors) != len(names):
         raise rd.fail("classes.colors", f"has {len(colors)} entries but names has {len(names)}")
-    return tuple(names), tuple(rd.color(c, f"classes.colors[{i}]") for i, c in enumerate(colors))
+    parsed = tuple(rd.color(c, f"classes.colors[{i}]") for i, c in enumerate(colors))
+    _warn_shared_colors(names, parsed, rd)
+    return tuple(names), parsed
+
+
+def _warn_shared_colors(names, colors, rd: _Reader) -> None:
+    # Only a warning: colours are for display, training is unaffected; but rendered predictions
+    # then cannot tell the classes apart, which is almost always a copy-paste slip.
+    first_with: dict[tuple[int, int, int], int] = {}
+    for i, color in enumerate(colors):
+        if color in first_with:
+            j = first_with[color]
+            warnings.warn(
+                f"{rd.descriptor}: classes.colors: classes {names[j]!r} ({j}) and {names[i]!r} ({i}) share "
+                f"the display colour {list(color)}; rendered predictions cannot tell them apart",
+            )
+        else:
+            first_with[color] = i
 
 
 def _parse_label(table: Mapping[str, Any], rd: _Reader, num_classes: int) -> LabelSpec:
@@ -598,19 +616,88 @@ def _parse_label(table: Mapping[str, Any], rd: _Reader, num_classes: int) -> Lab
                 raise rd.fail(key, f"must be [r, g, b, train_id], got {entry!r}")
             rgb_map.append((rd.color(entry[:3], key), rd.class_id(entry[3], key, num_classes)))
         ignore_values = tuple(rd.color(c, f"label.ignore_values[{i}]") for i, c in enumerate(ignore))
+        _check_rgb_contradictions(rgb_map, ignore_values, rd)
         return LabelSpec(num_classes, encoding, 0, None, tuple(rgb_map), ignore_values, unknown)
 
     if "rgb_map" in table:
         raise rd.fail("label.rgb_map", f'only applies to encoding = "rgb" (encoding is {encoding!r})')
     id_map = None
+    keys: list[str] = []  # the keys as written, for messages
     if "id_map" in table:
         raw_map = rd.get(table, "id_map", dict, "label.")
+        keys = list(raw_map)
         id_map = tuple(
             (rd.raw_value(k, f"label.id_map key {k!r}"), rd.class_id(v, f"label.id_map.{k}", num_classes))
             for k, v in raw_map.items()
         )
     ignore_values = tuple(rd.raw_value(v, f"label.ignore_values[{i}]") for i, v in enumerate(ignore))
+    _check_index_contradictions(id_map, keys, ignore_values, num_classes, rd)
     return LabelSpec(num_classes, encoding, channel, id_map, (), ignore_values, unknown)
+
+
+# A mapping that sends one raw value to two places is resolved silently by the lookup tables
+# (the later rgb_map entry wins, ignore_values overrides id_map, raw 255 is always ignored), so
+# a class would vanish from training and scoring while `da-seg prepare check` saw nothing wrong.
+# Such descriptors fail at load. Repeating an entry with the same target is redundant, not
+# contradictory, and passes.
+
+
+def _check_rgb_contradictions(rgb_map, ignore_values, rd: _Reader) -> None:
+    """rgb_map: [((r, g, b), train_id)], in file order; ignore_values: [(r, g, b)]."""
+    first: dict[tuple[int, int, int], int] = {}  # colour -> index of its first rgb_map entry
+    for i, (color, train_id) in enumerate(rgb_map):
+        j = first.setdefault(color, i)
+        if rgb_map[j][1] != train_id:
+            raise rd.fail(
+                "label.rgb_map:",
+                f"colour {list(color)} is mapped to train ids {rgb_map[j][1]} and {train_id} "
+                f"(entries {j} and {i})",
+            )
+    for i, color in enumerate(ignore_values):
+        j = first.get(color)
+        if j is not None and rgb_map[j][1] != IGNORE_INDEX:
+            raise rd.fail(
+                "label.ignore_values:",
+                f"colour {list(color)} (entry {i}) is also label.rgb_map[{j}] -> {rgb_map[j][1]}; "
+                f"a colour is either mapped or ignored",
+            )
+
+
+def _check_index_contradictions(id_map, keys: list[str], ignore_values, num_classes: int,
+                                rd: _Reader) -> None:
+    """id_map: ((raw, train_id), ...) in file order, or None for the identity; keys: its keys
+    as written (TOML keys are strings, so "7" and "07" are two keys but one raw value)."""
+    first: dict[int, int] = {}  # raw value -> index of its first id_map entry
+    for i, (raw, train_id) in enumerate(id_map or ()):
+        j = first.setdefault(raw, i)
+        if id_map[j][1] != train_id:
+            raise rd.fail(
+                "label.id_map:",
+                f'keys "{keys[j]}" and "{keys[i]}" are both raw value {raw}, mapped to train ids '
+                f"{id_map[j][1]} and {train_id}",
+            )
+        if raw == IGNORE_INDEX and train_id != IGNORE_INDEX:
+            raise rd.fail(
+                "label.id_map:",
+                f'key "{keys[i]}" -> {train_id}, but raw value {IGNORE_INDEX} always means ignore',
+            )
+    for i, raw in enumerate(ignore_values):
+        if id_map is None:
+            if raw < num_classes:
+                raise rd.fail(
+                    "label.ignore_values:",
+                    f"raw value {raw} (entry {i}) is train id {raw} under the identity mapping (there is "
+                    f"no label.id_map), so ignoring it would remove that class; to drop a class, give an "
+                    f"id_map that maps it to {IGNORE_INDEX}",
+                )
+            continue
+        j = first.get(raw)
+        if j is not None and id_map[j][1] != IGNORE_INDEX:
+            raise rd.fail(
+                "label.ignore_values:",
+                f'raw value {raw} is also label.id_map key "{keys[j]}" -> {id_map[j][1]}; '
+                f"a raw value is either mapped or ignored",
+            )
 
 
 def _parse_split(split: str, table: Mapping[str, Any], rd: _Reader) -> SplitSpec:

@@ -31,7 +31,7 @@ from da_seg.models.segmenter import upsample_logits
 from da_seg.utils.metrics import ConfusionMatrix, SegMetrics
 from da_seg.utils.progress import Progress
 from da_seg.utils.visualize import confusion_image, panel
-from da_seg.utils.windows import sliding_windows
+from da_seg.utils.windows import check_windows, sliding_windows
 
 PREDICT_MODES = ("whole", "slide")
 
@@ -93,8 +93,8 @@ def predict(model: nn.Module, images: Tensor, *, output_size: tuple[int, int] | 
     images:      (N, 3, H, W) float RGB in [0, 1].
     output_size: (H_out, W_out) of the returned map, normally the label size; default (H, W).
     mode:        "whole" (one forward, logits upsampled bilinearly) or "slide" (``crop``-sized
-                 windows every ``stride``, default ``stride = crop``; softmax averaged where
-                 windows overlap).
+                 windows every ``stride``, default ``stride = crop``, never larger; softmax
+                 averaged where windows overlap).
     input_size:  resize the input to this (H, W) before the network (e.g. 1024x512 inputs
                  scored against 2048x1024 labels).
     flip:        also run the horizontally flipped images and average the probabilities.
@@ -110,6 +110,7 @@ def predict(model: nn.Module, images: Tensor, *, output_size: tuple[int, int] | 
             raise ValueError("mode='slide' needs crop=(h, w)")
         crop = tuple(crop)
         stride = tuple(stride) if stride is not None else crop
+        check_windows(crop, stride)  # before any forward
     output_size = tuple(output_size) if output_size is not None else tuple(images.shape[-2:])
     if input_size is not None and tuple(input_size) != tuple(images.shape[-2:]):
         images = F.interpolate(images, size=tuple(input_size), mode="bilinear",

@@ -166,8 +166,8 @@ class Trainer:
         use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.side_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.source_augment = BatchAugment(recipe.augment.source).to(self.device)
-        self.target_augment = BatchAugment(recipe.augment.target).to(self.device)
+        self.source_augment = BatchAugment(recipe.augment.source, "source").to(self.device)
+        self.target_augment = BatchAugment(recipe.augment.target, "target").to(self.device)
 
         self.iteration = 0
         self.evaluations: list[dict] = []

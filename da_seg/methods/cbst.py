@@ -204,6 +204,7 @@ def label_target_set(model: nn.Module, dataset, labels_dir: Path, portion: float
     written are counted, not predicted again. Returns thresholds and per-class labelled shares.
     """
     from da_seg.data.augment import to_float_images
+    from da_seg.data.loaders import OwnErrors
     from da_seg.data.pseudo_labels import write_label_png
     from da_seg.utils.files import write_json_atomic
     from da_seg.utils.progress import Progress
@@ -211,8 +212,8 @@ def label_target_set(model: nn.Module, dataset, labels_dir: Path, portion: float
     num_classes = model.num_classes
 
     def predictions(indices: Sequence[int], what: str):
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=1,
-                                             shuffle=False, num_workers=options.num_workers)
+        loader = OwnErrors(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
+                                                       batch_size=1, shuffle=False, num_workers=options.num_workers))
         bar = Progress(len(indices), f"{desc}: {what}", enabled=progress, every_s=30)
         for done, item in enumerate(loader, 1):
             sample = dataset.samples[int(item["index"][0])]

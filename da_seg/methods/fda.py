@@ -31,25 +31,41 @@ def low_frequency_band(height: int, width: int, beta: float, device=None) -> Ten
 
 
 def fda_transfer(source: Tensor, target: Tensor, beta: float) -> Tensor:
-    """FDA's source-to-target transfer: the target's low-frequency amplitude, the source's phase.
+    """FDA's source-to-target transfer: the target's low-frequency amplitude, the source's phase,
+    inverted as the official code inverts it.
 
     source: (N, 3, H, W) float; target: (N, 3, H', W') float, resized to (H, W) if it differs.
-    Returns (N, 3, H, W) float32: the real part of the inverse FFT, not clipped (as the official
-    code, which feeds it to the network directly). The band (frequencies -b .. b - 1) is one
-    wider on the negative side, so the real output carries the mean of the source and target
-    amplitudes at frequency +b; the phase is the source's everywhere. The amplitude swap is linear in the intensity
-    scale, so images in [0, 1] give the official result on 0-255 images divided by 255.
+    Returns (N, 3, H, W) float32, not clipped (the official code feeds it to the network as is).
+
+    The official ``FDA_source_to_target`` takes the full spectrum (``torch.rfft(onesided=False)``),
+    swaps the amplitude of the four b x b corners (``low_freq_mutate``), rebuilds the spectrum
+    from that amplitude and the source phase, and inverts it with the legacy
+    ``torch.irfft(onesided=False, signal_sizes=[H, W])``: a complex-to-real transform, which
+    first narrows its input to the columns 0 .. W // 2 and takes the negative column frequencies
+    to be the conjugate mirrors of those. The mixed spectrum is not Hermitian-symmetric (the
+    band -b .. b - 1 holds -b but not +b), so this is not ``ifft2(mixed).real``, which instead
+    averages every frequency with the conjugate of its mirror. The two agree on the inner square
+    -(b - 1) .. b - 1 (target amplitude) and outside the band (source amplitude), and differ on
+    the band's rim: ifft2().real puts the mean of source and target amplitude on row and
+    column -b and their mirrors; the official inverse keeps the source's on columns +-b, the
+    target's on row -b at columns 1 .. b - 1 (and their mirrors), the source's on the rest of
+    rows +-b, and the mean only in column 0. The phase is the source's everywhere in both.
+
+    Only columns 0 .. W // 2 are ever read, so they are all that is computed: ``rfft2`` of the
+    real images gives exactly those columns of the full spectrum, and ``irfft2`` is the same
+    complex-to-real inverse. The amplitude swap is linear in the intensity scale, so images in
+    [0, 1] give the official result on 0-255 images divided by 255.
     """
     height, width = source.shape[-2:]
     if math.floor(min(height, width) * beta + 1e-9) == 0:  # decided on the host: no device sync per step
         return source
-    band = low_frequency_band(height, width, beta, source.device)
+    band = low_frequency_band(height, width, beta, source.device)[:, : width // 2 + 1]  # (H, W // 2 + 1)
     if target.shape[-2:] != source.shape[-2:]:
         target = F.interpolate(target.float(), size=(height, width), mode="bilinear", align_corners=False)
-    spectrum = torch.fft.fft2(source.float())                        # (N, 3, H, W) complex
-    amplitude = torch.where(band, torch.fft.fft2(target.float()).abs(), spectrum.abs())
+    spectrum = torch.fft.rfft2(source.float())                       # (N, 3, H, W // 2 + 1) complex
+    amplitude = torch.where(band, torch.fft.rfft2(target.float()).abs(), spectrum.abs())
     mixed = torch.polar(amplitude, spectrum.angle())
-    return torch.fft.ifft2(mixed).real
+    return torch.fft.irfft2(mixed, s=(height, width))                # (N, 3, H, W)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from PIL import Image
 
 from da_seg.config import ConfigError, Recipe
 from da_seg.data.domains import Domain, load_domain, resolve_root
+from da_seg.data.loaders import OwnErrors
 from da_seg.engine.checkpoint import load_checkpoint
 from da_seg.engine.trainer import amp_dtype_for, pick_device
 from da_seg.methods.base import OptionError, parse_options
@@ -247,8 +248,8 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: Tra
             if not todo:
                 continue
             dataset = torch.utils.data.Subset(_SourceImages(source, samples), todo)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False,
-                                                 num_workers=recipe.data.num_workers)
+            loader = OwnErrors(torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False,
+                                                           num_workers=recipe.data.num_workers))
             bar = Progress(len(todo), f"translate {source.name} {split}", enabled=progress and rank == 0, every_s=30)
             pending: list[Future] = []
             for done, item in enumerate(loader, 1):
