@@ -173,16 +173,21 @@ class Component:
         pass
 
 
-def parse_options(cls: type[Component], raw: dict[str, Any], source: str | None = None):
-    """Build ``cls.Options`` from a recipe table; unknown keys fail with the closest valid one,
-    invalid values with the key and what was expected (checked by the options dataclass)."""
-    valid = [f.name for f in dataclasses.fields(cls.Options)]
-    where = f"components.{cls.name}."
+def build_options(options_cls: type, raw: dict[str, Any], where: str, source: str | None = None):
+    """``options_cls(**raw)`` for the recipe table at ``where`` (e.g. ``components.advent.``):
+    unknown keys fail with the closest valid one, invalid values with the key and what was
+    expected (checked by the options dataclass itself), each prefixed with ``source``."""
+    valid = [f.name for f in dataclasses.fields(options_cls)]
     prefix = f"{source}: " if source else ""
     check_keys(raw, valid, where, source or "recipe")
     try:
-        return cls.Options(**raw)
+        return options_cls(**raw)
     except OptionError as err:
         raise ConfigError(f"{prefix}{where}{err.key} {err.detail}") from None
     except TypeError as err:
-        raise ConfigError(f"{prefix}components.{cls.name}: {err}") from err
+        raise ConfigError(f"{prefix}{where.rstrip('.')}: {err}") from err
+
+
+def parse_options(cls: type[Component], raw: dict[str, Any], source: str | None = None):
+    """A component's options from its recipe table ``[components.<name>]``."""
+    return build_options(cls.Options, raw, f"components.{cls.name}.", source)

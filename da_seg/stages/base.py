@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from da_seg.config import ConfigError, Recipe, check_keys
-from da_seg.methods.base import OptionError
+from da_seg.config import ConfigError, Recipe
+from da_seg.methods.base import build_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +28,7 @@ def parse_stage_options(stage: Any, recipe: Recipe, source: str | None = None):
     with ``<recipe>: <stage>.<key> ...``."""
     source = source or recipe.name
     raw = dict(recipe.stage_options) if recipe.stage == stage.name else {}
-    valid = [f.name for f in dataclasses.fields(stage.Options)]
-    if raw and not valid:
+    if raw and not dataclasses.fields(stage.Options):
         raise ConfigError(f"{source}: the {stage.name} stage has no settings, but the recipe has a "
                           f"[{stage.name}] table ({', '.join(raw)})")
-    check_keys(raw, valid, f"{stage.name}.", source)
-    try:
-        return stage.Options(**raw)
-    except OptionError as err:
-        raise ConfigError(f"{source}: {stage.name}.{err.key} {err.detail}") from None
-    except TypeError as err:
-        raise ConfigError(f"{source}: [{stage.name}]: {err}") from err
+    return build_options(stage.Options, raw, f"{stage.name}.", source)
