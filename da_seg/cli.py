@@ -36,10 +36,13 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", default=None, metavar="RUN_DIR|auto",
               help="Continue a run folder (its last.pt), or 'auto' for this recipe and seed's latest run.")
+@click.option("--allow-change", "allow_changes", multiple=True, metavar="KEY",
+              help="With --resume: a recipe key the resumed run may change (e.g. optim.lr after a divergence); "
+                   "recorded in its metrics.json.")
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(recipe, overrides, seed, resume, runs_root, device, no_progress):
+def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_progress):
     """Train RECIPE (a TOML file) by its stage: one run, or a translate / self-training stage.
     Multi-GPU: torchrun --nproc_per_node=N -m da_seg train ..."""
     from da_seg.runs import train as train_run
@@ -57,7 +60,10 @@ def train(recipe, overrides, seed, resume, runs_root, device, no_progress):
                         progress=not no_progress)
         click.echo(f"{stage.name} stage done: {out}")
         return
-    metrics = train_run(loaded, Path(runs_root), resume=resume, device=device, progress=not no_progress)
+    if allow_changes and not resume:
+        raise click.UsageError("--allow-change applies to --resume RUN_DIR")
+    metrics = train_run(loaded, Path(runs_root), resume=resume, device=device, progress=not no_progress,
+                        allow_changes=allow_changes)
     last = metrics.get("last") or {}
     primary = metrics.get("primary_domain")
     if primary and last and os.environ.get("RANK", "0") == "0":

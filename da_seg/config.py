@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import tomllib
 import types
 import typing
@@ -353,6 +355,48 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
 def to_toml(data: dict[str, Any]) -> str:
     """A resolved recipe (``Recipe.to_dict()``) as TOML that ``load_recipe`` reads back; None is omitted."""
     return dumps_toml(data)
+
+
+# Keys that may change between a run and its resume without changing what is trained; they are
+# left out of a run's identity too (as is the seed, which is one axis of a comparison).
+RESUME_SAFE_KEYS = frozenset({"train.log_every", "data.num_workers", "eval.max_panels", "eval.alignment_images",
+                              "description", "reference"})
+IDENTITY_EXCLUDED = RESUME_SAFE_KEYS | {"name", "train.seed"}
+
+
+def recipe_identity(recipe: Recipe) -> str:
+    """A short hash of everything the recipe trains: its resolved settings without its name, seed
+    and the resume-safe keys. Two runs with one identity are seeds of the same experiment; runs of
+    one recipe name with different identities (another ``--set``, an edited file) are variants."""
+    data = recipe.to_dict()
+    for dotted in IDENTITY_EXCLUDED:
+        node, *rest = dotted.split(".")
+        if rest:
+            data.get(node, {}).pop(rest[0], None)
+        else:
+            data.pop(node, None)
+    canonical = json.dumps(_plain(data), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def saved_identity(recipe_toml: Path) -> str | None:
+    """The identity of a run's saved ``recipe.toml``; None when it is missing or unreadable
+    (older da_seg versions wrote some recipes as invalid TOML)."""
+    if not recipe_toml.is_file():
+        return None
+    try:
+        return recipe_identity(recipe_from_dict(tomllib.loads(recipe_toml.read_text()), source=str(recipe_toml)))
+    except (tomllib.TOMLDecodeError, ConfigError):
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists and None dropped, as the TOML a run saves: a reloaded recipe hashes the same."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def recipe_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

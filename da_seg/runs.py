@@ -1,17 +1,22 @@
 """Run folders: where a run lives, whether it finished, and training one (new or resumed).
 
-``runs/<source>_to_<target>/<recipe>/<seed>-<time>/`` holds one run: ``recipe.toml``,
-``metrics.json``, ``last.pt``, ``best.pt`` and its TensorBoard events. Stages
-(``da_seg.stages``) call :func:`train` and :func:`train_or_resume`; nothing here knows a stage.
+``runs/<source>_to_<target>/<recipe>/<seed>-<time>-<identity>/`` holds one run: ``recipe.toml``,
+``metrics.json``, ``last.pt``, ``best.pt`` and its TensorBoard events. ``<identity>`` is
+:func:`da_seg.config.recipe_identity`, a hash of everything the run trains: a run is found
+(skipped when finished, resumed when interrupted) only by a recipe with the same name, seed and
+identity, so a sweep with another ``--set`` never reuses a run it did not ask for. Folders are
+created with an exclusive ``mkdir``: two runs started in the same second get two folders.
+Stages (``da_seg.stages``) call :func:`train` and :func:`train_or_resume`; nothing here knows a stage.
 """
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from da_seg.config import Recipe
+from da_seg.config import Recipe, recipe_identity, saved_identity
 from da_seg.utils import distributed as du
 
 
@@ -27,28 +32,45 @@ def run_status(run_dir: Path) -> str:
     return "resumable" if (run_dir / "last.pt").exists() else "empty"
 
 
+def run_identity(run_dir: Path) -> str | None:
+    """The identity of the recipe a run trained: from its folder name, or (folders made before
+    identities were named) from its saved ``recipe.toml``; None when neither tells."""
+    parts = run_dir.name.split("-")
+    if len(parts) >= 4 and re.fullmatch(r"[0-9a-f]{8}", parts[3]):
+        return parts[3]
+    return saved_identity(run_dir / "recipe.toml")
+
+
 def find_runs(runs_root: Path, recipe: Recipe) -> list[Path]:
-    """This recipe's run folders for its seed, oldest first."""
+    """This recipe's run folders for its seed and identity, oldest first."""
     folder = Path(runs_root) / recipe.pair / recipe.name
     if not folder.is_dir():
         return []
-    seed = str(recipe.train.seed)
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.split("-", 1)[0] == seed)
+    seed, identity = str(recipe.train.seed), recipe_identity(recipe)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and p.name.split("-", 1)[0] == seed and run_identity(p) == identity)
 
 
 def new_run_dir(runs_root: Path, recipe: Recipe) -> Path:
+    """Create (exclusively) and return a fresh run folder ``<seed>-<time>-<identity>[-n]``."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(runs_root) / recipe.pair / recipe.name / f"{recipe.train.seed}-{stamp}"
+    base = Path(runs_root) / recipe.pair / recipe.name / f"{recipe.train.seed}-{stamp}-{recipe_identity(recipe)}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, n = base, 1
-    while path.exists():  # two runs started within the same second
-        path, n = base.with_name(f"{base.name}-{n}"), n + 1
-    return path
+    while True:
+        try:
+            path.mkdir()  # atomic: of two runs started within the same second, one gets -1
+            return path
+        except FileExistsError:
+            path, n = base.with_name(f"{base.name}-{n}"), n + 1
 
 
 def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, device: str = "auto",
-          progress: bool = True, val_domains: Sequence[str] | None = None) -> dict[str, Any]:
+          progress: bool = True, val_domains: Sequence[str] | None = None,
+          allow_changes: Sequence[str] = ()) -> dict[str, Any]:
     """Train one recipe (one seed). ``resume``: a run folder, or "auto" for this recipe+seed's latest.
     ``val_domains``: what to score (default: the recipe's; a translator stage scores nothing).
+    ``allow_changes``: recipe keys a resume may change (recorded in the run's metrics.json).
 
     Under torchrun every rank calls this; rank 0 picks the run folder and tells the others.
     """
@@ -73,8 +95,13 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
         if run_dir is None:
             run_dir = new_run_dir(runs_root, recipe)
     run_dir, resuming = du.broadcast_object((run_dir, resuming))
-    trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
-                      val_domains=val_domains)
+    try:
+        trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
+                          val_domains=val_domains, allow_changes=allow_changes)
+    except BaseException:
+        if dist.is_main and not resuming and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that never started leaves no folder behind
+        raise
     if dist.is_main:
         print(("resuming " if resuming else "run folder ") + str(run_dir))
     return trainer.fit()

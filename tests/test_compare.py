@@ -16,8 +16,8 @@ def _entry(miou, iou=None):
 
 
 def _write_run(root, source, target, recipe, seed, last, best, *, finished=True, extra=None,
-               iou=None):
-    folder = root / f"{source}_to_{target}" / recipe / f"{seed}-20240101-000000"
+               iou=None, stamp="20240101-000000"):
+    folder = root / f"{source}_to_{target}" / recipe / f"{seed}-{stamp}"
     folder.mkdir(parents=True)
     last_domains = {target: _entry(last, iou), **(extra or {})}
     data = {
@@ -96,7 +96,7 @@ def test_table_formats(runs_dir):
     advent_line = next(line for line in lines if "advent" in line)
     assert f"52.0 ± {np.std([50.0, 51.0, 55.0], ddof=1):.1f}" in advent_line
     assert "71.0 ± 1.0" in advent_line
-    assert "40.0 ± -" in next(line for line in lines if "gta->city" in line and "source_only" in line)
+    assert "40.0 (1 seed)" in next(line for line in lines if "gta->city" in line and "source_only" in line)
     assert lines.index(advent_line) < next(i for i, line in enumerate(lines) if "source_only" in line)
 
     markdown = compare_table(runs, fmt="markdown", per_class=True)
@@ -130,3 +130,27 @@ def test_unfinished_run_without_last_uses_its_evaluations(tmp_path):
     (folder / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match="metrics.json"):
         collect_runs([tmp_path])
+
+
+def test_runs_of_one_name_with_different_recipes_are_separate_rows(tmp_path):
+    # A 10- and a 150-iteration run of one recipe name are two experiments, not two seeds.
+    short = _write_run(tmp_path, "gta", "city", "advent", 0, 20.0, 20.0)
+    long = _write_run(tmp_path, "gta", "city", "advent", 0, 38.0, 38.0, stamp="20240101-000500")
+    for folder, identity in ((short, "1111aaaa"), (long, "2222bbbb")):
+        data = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**data, "identity": identity}))
+    rows = summarize(collect_runs([tmp_path]))
+    assert sorted((r.recipe, r.seeds, r.last.mean) for r in rows) == [("advent [1111aaaa]", 1, 20.0),
+                                                                      ("advent [2222bbbb]", 1, 38.0)]
+    text = compare_table(collect_runs([tmp_path]))
+    assert "29.0" not in text and "20.0 (1 seed)" in text
+
+
+def test_identity_of_runs_without_it_in_metrics_comes_from_their_saved_recipe(tmp_path, write_recipe):
+    from da_seg.config import load_recipe, recipe_identity, to_toml
+
+    recipe = load_recipe(write_recipe())
+    folder = _write_run(tmp_path, "gta", "city", "advent", 0, 30.0, 30.0)
+    (folder / "recipe.toml").write_text(to_toml(recipe.to_dict()))
+    (run,) = collect_runs([tmp_path])
+    assert run.identity == recipe_identity(recipe)

@@ -103,8 +103,9 @@ def test_resume_continues_to_the_end_and_rejects_a_different_recipe(write_recipe
     runs = tmp_path / "runs"
     # Train 3 iterations, as if killed right after the checkpoint at iteration 3.
     train(load_recipe(path, ["schedule.iters=3"]), runs, progress=False)
-    (run_dir,) = find_runs(runs, recipe)
-    with pytest.raises(IncompatibleResumeError, match="schedule.iters: checkpoint 3, now 6"):
+    assert find_runs(runs, recipe) == []            # another identity: never found for the 6-iteration recipe
+    (run_dir,) = find_runs(runs, load_recipe(path, ["schedule.iters=3"]))
+    with pytest.raises(IncompatibleResumeError, match="schedule.iters: checkpoint 3, now 6.*--allow-change schedule.iters"):
         Trainer(recipe, run_dir, resume=True, progress=False)
     # Same recipe as the checkpoint (only a log setting changed): continues from iteration 3.
     trainer = Trainer(load_recipe(path, ["schedule.iters=3", "train.log_every=1"]), run_dir, resume=True,
@@ -157,3 +158,55 @@ def test_loader_workers_stop_when_the_run_ends(write_recipe):
     trainer.fit()
     # A sweep trains run after run in one process: no run may leave its loader workers behind.
     assert set(multiprocessing.active_children()) - before == set()
+
+
+def test_resume_with_named_changes_continues_and_records_them(write_recipe, tmp_path):
+    # What the divergence message advises: continue a run with a lower lr, naming the key.
+    path = write_recipe(iters=6)
+    runs = tmp_path / "runs"
+    train(load_recipe(path, ["schedule.iters=3"]), runs, progress=False)
+    (run_dir,) = find_runs(runs, load_recipe(path, ["schedule.iters=3"]))
+    changed = load_recipe(path, ["optim.lr=1e-4"])
+    with pytest.raises(IncompatibleResumeError, match="optim.lr"):
+        train(changed, runs, resume=run_dir, progress=False, allow_changes=["schedule.iters"])
+    metrics = train(changed, runs, resume=run_dir, progress=False, allow_changes=["schedule.iters", "optim.lr"])
+    assert metrics["finished"] and metrics["iteration"] == 6
+    (record,) = metrics["resume_changes"]
+    assert record["iteration"] == 3 and record["changes"] == {"optim.lr": [1e-3, 1e-4], "schedule.iters": [3, 6]}
+    with pytest.raises(IncompatibleResumeError, match="does not change"):
+        Trainer(changed, run_dir, resume=True, progress=False, allow_changes=["optim.momentum"])
+
+
+def test_nonfinite_buffer_stops_before_evaluation_and_checkpoint(write_recipe, tmp_path, monkeypatch):
+    # A loss can stay finite while a BatchNorm variance overflows: the checkpoint must not take it.
+    recipe = load_recipe(write_recipe(iters=6))
+    runs = tmp_path / "runs"
+    import da_seg.engine.trainer as trainer_module
+
+    original = trainer_module.Trainer.step
+
+    def step(self):
+        original(self)
+        if self.iteration == 5:
+            bn = next(m for m in self.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite parameters or buffers after iteration 6: model\..*running_var"):
+        train(recipe, runs, progress=False)
+    (run_dir,) = find_runs(runs, recipe)
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_stale_checkpoint_temporaries_are_removed_on_resume(write_recipe, tmp_path):
+    path = write_recipe(iters=6)
+    runs = tmp_path / "runs"
+    short = load_recipe(path, ["schedule.iters=3"])
+    train(short, runs, progress=False)
+    (run_dir,) = find_runs(runs, short)
+    stale = run_dir / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    Trainer(short, run_dir, resume=True, progress=False)
+    assert not stale.exists() and (run_dir / "last.pt").exists()

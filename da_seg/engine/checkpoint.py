@@ -11,16 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from da_seg.config import Recipe, recipe_differences
+from da_seg.config import RESUME_SAFE_KEYS, Recipe, recipe_differences
 from da_seg.methods.base import Component
 from da_seg.methods.common import bare
 from da_seg.models import build_model
 from da_seg.models.segmenter import InputNorm, Segmenter
 from da_seg.utils.files import atomic_write
 
-# Recipe keys that may change between a run and its resume without changing what is trained.
-RESUME_SAFE_KEYS = {"train.log_every", "data.num_workers", "eval.max_panels", "eval.alignment_images",
-                    "description", "reference"}
 
 
 class IncompatibleResumeError(ValueError):
@@ -181,17 +178,44 @@ def describe_last(run_dir: Path | None) -> str:
     return "none was written yet"
 
 
-def check_resumable(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
-    """Refuse to resume a checkpoint with a recipe that trains something else."""
+def nonfinite_tensors(modules: dict[str, nn.Module], limit: int = 5) -> list[str]:
+    """Names of (up to ``limit``) parameters and floating buffers holding NaN or inf; one host read."""
+    named = [(f"{prefix}.{name}", t) for prefix, module in modules.items()
+             for name, t in (*bare(module).named_parameters(), *bare(module).named_buffers()) if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok][:limit]
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete half-written checkpoint files a kill left behind (``.last.pt.*.tmp``, ...)."""
+    stale = [p for p in Path(run_dir).glob(".*.pt.*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+def check_resumable(state: dict[str, Any], recipe: Recipe, path: Path,
+                    allow_changes: Sequence[str] = ()) -> dict[str, list]:
+    """Refuse to resume a checkpoint with a recipe that trains something else, unless every key
+    that differs is named in ``allow_changes``; returns {key: [checkpoint value, new value]}."""
     old, new = state["recipe"], recipe.to_dict()
     defaults = Recipe().to_dict()
     # A key the checkpoint's da_seg did not have yet, at its default now, trains the same thing.
     diffs = [k for k in recipe_differences(old, new) if k not in RESUME_SAFE_KEYS
              and not (_get(old, k) is None and _get(new, k) == _get(defaults, k))]
-    if diffs:
-        detail = "; ".join(f"{k}: checkpoint {_get(old, k)!r}, now {_get(new, k)!r}" for k in diffs[:8])
+    unknown = [k for k in allow_changes if k not in diffs]
+    refused = [k for k in diffs if k not in allow_changes]
+    if refused:
+        detail = "; ".join(f"{k}: checkpoint {_get(old, k)!r}, now {_get(new, k)!r}" for k in refused[:8])
         raise IncompatibleResumeError(f"cannot resume {path} with this recipe: it differs at {detail}. "
-                                      "Start a new run, or resume with the recipe the run was started with.")
+                                      "Start a new run, resume with the recipe the run was started with, or "
+                                      f"name the keys to change: --allow-change {' --allow-change '.join(refused[:8])}")
+    if unknown:
+        raise IncompatibleResumeError(f"--allow-change {', '.join(unknown)}: the recipe does not change "
+                                      f"{'it' if len(unknown) == 1 else 'them'} from {path}")
+    return {k: [_get(old, k), _get(new, k)] for k in diffs}
 
 
 def _get(d: dict, dotted: str):

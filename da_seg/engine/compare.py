@@ -1,5 +1,10 @@
 """The run-comparison table: every metrics.json below some folders, grouped by
-(source -> target, recipe), mean ± sample std over seeds.
+(source -> target, recipe, identity), mean ± sample std over seeds.
+
+Only runs of one *identity* (the hash of everything the recipe trains, ``recipe_identity``) are
+seeds of one row: runs of one recipe name with different settings (another ``--set``, an edited
+file) are shown as separate rows, the name followed by ``[identity]``. A row of one seed shows
+``37.3 (1 seed)``, never a made-up spread.
 
 Reads only metrics.json (format in the trainer's docs): ``last`` and ``best`` hold
 ``{"iteration": int, "domains": {domain: {"miou": .., "iou": [..], "subsets": {..}}}}``;
@@ -16,6 +21,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from da_seg.config import saved_identity
 
 TABLE_FORMATS = ("table", "markdown", "csv")
 DG_MEAN = "mean"
@@ -43,6 +50,7 @@ class RunSummary:
     last: dict[str, dict] = field(default_factory=dict)
     best: dict[str, dict] = field(default_factory=dict)
     unseen: tuple[str, ...] = ()
+    identity: str | None = None
 
     def miou(self, which: str, domain: str) -> float:
         """mIoU of ``domain`` in "last" or "best"; NaN when that domain was not evaluated."""
@@ -99,7 +107,8 @@ def _read_run(path: Path) -> RunSummary | None:
         class_names=tuple(data.get("class_names") or ()),
         last_iteration=last.get("iteration"), best_iteration=(best or {}).get("iteration"),
         last=dict(last["domains"]), best=dict((best or {}).get("domains", {})),
-        unseen=tuple(val_domains) if len(val_domains) > 1 else ())
+        unseen=tuple(val_domains) if len(val_domains) > 1 else (),
+        identity=data.get("identity") or saved_identity(path.parent / "recipe.toml"))
 
 
 def _nan_low(value: float) -> float:
@@ -172,11 +181,16 @@ def summarize(runs: Sequence[RunSummary], *, domain: str | None = None) -> list[
 
     domain: the domain scored in the last/best columns; default each run's primary domain.
     """
-    groups: dict[tuple[str, str, str], list[RunSummary]] = {}
+    groups: dict[tuple[str, str, str, str | None], list[RunSummary]] = {}
     for run in runs:
-        groups.setdefault((run.source, run.target, run.recipe), []).append(run)
+        groups.setdefault((run.source, run.target, run.recipe, run.identity), []).append(run)
+    variants = {}
+    for source, target, recipe, identity in groups:
+        variants.setdefault((source, target, recipe), []).append(identity)
     rows = []
-    for (source, target, recipe), members in groups.items():
+    for (source, target, name, identity), members in groups.items():
+        # Variants of one recipe name are told apart by their identity (unknown: "?").
+        recipe = name if len(variants[(source, target, name)]) == 1 else f"{name} [{identity or '?'}]"
         scored = domain or members[0].primary_domain
         names = list(dict.fromkeys(name for run in members for name in run.class_names))
         per_class = {name: Stat.of(run.iou(scored).get(name, math.nan) for run in members).mean
@@ -197,8 +211,9 @@ def summarize(runs: Sequence[RunSummary], *, domain: str | None = None) -> list[
 def _stat_text(stat: Stat) -> str:
     if math.isnan(stat.mean):
         return "-"
-    std = "-" if math.isnan(stat.std) else f"{stat.std:.1f}"
-    return f"{stat.mean:.1f} ± {std}"
+    if stat.count == 1:
+        return f"{stat.mean:.1f} (1 seed)"
+    return f"{stat.mean:.1f} ± {stat.std:.1f}"
 
 
 def _number(value: float) -> str:

@@ -12,6 +12,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from da_seg.config import recipe_identity
 from da_seg.utils.files import write_json_atomic
 
 
@@ -122,7 +123,7 @@ def run_metrics(trainer) -> dict[str, Any]:
     """The run's ``metrics.json`` record: who it is, how far it got, every evaluation, last and best."""
     recipe, ev = trainer.recipe, trainer.evaluator
     return {
-        "recipe": recipe.name, "source": trainer.source_domain.name,
+        "recipe": recipe.name, "identity": recipe_identity(recipe), "source": trainer.source_domain.name,
         "target": trainer.target_domain.name if trainer.target_domain else "",
         "seed": recipe.train.seed, "iterations": recipe.schedule.iters,
         "iteration": trainer.iteration, "finished": trainer.status == "finished", "status": trainer.status,
@@ -130,6 +131,7 @@ def run_metrics(trainer) -> dict[str, Any]:
         "class_names": list(trainer.source_domain.class_names), "components": list(recipe.components),
         "model": recipe.model.name, "evaluations": trainer.evaluations,
         "last": trainer.evaluations[-1] if trainer.evaluations else None, "best": trainer.best,
+        "resume_changes": trainer.resume_changes,
     }
 
 

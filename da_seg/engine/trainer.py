@@ -108,8 +108,9 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, run_dir: Path | None, *, device: str = "auto",
                  resume: bool = False, progress: bool = True, dist: du.DistInfo | None = None,
-                 val_domains: Sequence[str] | None = None):
-        """``val_domains``: the domains scored at each evaluation; None = the recipe's."""
+                 val_domains: Sequence[str] | None = None, allow_changes: Sequence[str] = ()):
+        """``val_domains``: the domains scored at each evaluation; None = the recipe's.
+        ``allow_changes``: recipe keys a resume may change (``--allow-change``), recorded in the run."""
         self.recipe, data = recipe, recipe.data
         self.dist = dist or du.DistInfo()
         self.device = pick_device(device)
@@ -173,8 +174,9 @@ class Trainer:
         self.evaluations: list[dict] = []
         self.best: dict | None = None
         self.status = "running"
+        self.resume_changes: list[dict] = []
         if resume:
-            self._resume()
+            self._resume(tuple(allow_changes))
         self.logger = RunLogger(self.run_dir, enabled=self.is_main)
         self.evaluator = Evaluator(recipe, source=self.source_domain, target=self.target_domain,
                                    val_domains=val_domains, device=self.device, amp_dtype=self.amp_dtype,
@@ -271,14 +273,27 @@ class Trainer:
                     self.logger.image(f"{component.name}/{tag}", image, self.iteration)
         return record
 
-    def _resume(self) -> None:
+    def _resume(self, allow_changes: tuple[str, ...]) -> None:
         path = self.run_dir / "last.pt"
+        ckpt.remove_stale_temporaries(self.run_dir)
         state = ckpt.load_checkpoint(path)
-        ckpt.check_resumable(state, self.recipe, path)
+        changed = ckpt.check_resumable(state, self.recipe, path, allow_changes)
         ckpt.restore_training_state(self, state)
+        if changed:  # recorded: the run's recipe is no longer what it started with
+            self.resume_changes.append({"iteration": self.iteration, "changes": changed})
+
+    def check_finite(self) -> None:
+        """Parameters and buffers must be finite before anything is evaluated or saved: a loss can
+        stay finite while a BatchNorm variance overflows, and a checkpoint of that would score ~0."""
+        bad = ckpt.nonfinite_tensors({"model": self.model, **{f"{c.name}.{k}": n for c in self.components
+                                                                for k, n in c.networks.items()}})
+        if bad:
+            raise NonFiniteLossError(f"non-finite parameters or buffers after iteration {self.iteration}: "
+                                     f"{', '.join(bad)}.")
 
     def save(self, best: bool = False) -> None:
         if self.is_main and self.run_dir is not None:
+            self.check_finite()
             ckpt.save_training_state(self, self.run_dir, best=best)
 
     def write_metrics(self) -> dict[str, Any]:
@@ -307,6 +322,7 @@ class Trainer:
                     logs = self.flush_logs()
                     bar.update(it, {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith(("loss/", "side/"))})
                 if is_eval:
+                    self.check_finite()
                     record = self.evaluate()
                     self.evaluations.append(record)
                     miou = ev.primary(record)
@@ -325,10 +341,11 @@ class Trainer:
             self.status = "failed: non-finite loss"
             if self.is_main and self.run_dir is not None:
                 mark_failed(self.run_dir, self.status)
-            raise NonFiniteLossError(f"{err} Stopped; the last good checkpoint is kept "
-                                     f"({ckpt.describe_last(self.run_dir)}). "
-                                     "Lower optim.lr, set optim.grad_clip, or check the inputs, then resume with "
-                                     "--resume.") from None
+            raise NonFiniteLossError(
+                f"{err} Stopped; the last good checkpoint is kept ({ckpt.describe_last(self.run_dir)}). Lower "
+                "optim.lr, set optim.grad_clip, or check the inputs, and continue that run with the keys you "
+                f"change named: da-seg train RECIPE --resume {self.run_dir} --set optim.lr=... "
+                "--allow-change optim.lr (the change is recorded in its metrics.json).") from None
         finally:
             self.logger.close()
             self.close_loaders()
