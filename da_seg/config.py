@@ -80,6 +80,7 @@ class ModelConfig:
     name: str = "deeplab_small"
     pretrained: str = ""                  # a weight file the user names; "" = random init
     init_checkpoint: str = ""             # a da_seg checkpoint (last.pt / best.pt) to start from (self-training rounds)
+    align_corners: bool = False           # logits upsampling: ADVENT / AdaptSegNet / DACS code True, mmseg False
     options: dict[str, Any] = field(default_factory=dict)  # builder keyword options
     channels_last: bool = False
 

@@ -46,7 +46,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def model_meta(model: Segmenter, recipe: Recipe, class_names: Sequence[str], colors: Sequence) -> dict[str, Any]:
     """What it takes to rebuild the model for evaluation, input normalization included."""
     return {"name": recipe.model.name, "options": dict(recipe.model.options), "num_classes": model.num_classes,
-            "input_norm": dataclasses.asdict(model.input_norm), "class_names": list(class_names),
+            "input_norm": dataclasses.asdict(model.input_norm), "align_corners": model.align_corners,
+            "class_names": list(class_names),
             "colors": [list(c) for c in colors]}
 
 
@@ -63,6 +64,7 @@ def restore_model(checkpoint: dict[str, Any], device: torch.device | str = "cpu"
     model = build_model(meta["name"], meta["num_classes"], **meta["options"])
     model.load_state_dict(checkpoint["model"])
     _set_input_norm(model, meta)
+    model.align_corners = bool(meta.get("align_corners", False))  # older checkpoints: da_seg's default then
     return model.to(device)
 
 

@@ -59,8 +59,8 @@ def _softmax_at(model: nn.Module, images: Tensor, size: tuple[int, int], amp_dty
     autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else nullcontext())
     with autocast:
-        logits = model(images).logits
-    return upsample_logits(logits.float(), size).softmax(1)
+        out = model(images)
+    return upsample_logits(out.logits.float(), size, out.align_corners).softmax(1)
 
 
 def _predict_view(model: nn.Module, images: Tensor, output_size: tuple[int, int], mode: str,

@@ -87,7 +87,9 @@ def build_segmenter(recipe: Recipe, num_classes: int, **changes) -> Segmenter:
     options = dict(recipe.model.options)
     if recipe.model.pretrained:
         options["pretrained"] = recipe.model.pretrained
-    return build_model(recipe.model.name, num_classes, **{**options, **changes})
+    model = build_model(recipe.model.name, num_classes, **{**options, **changes})
+    model.align_corners = recipe.model.align_corners
+    return model
 
 
 def component_setup(recipe: Recipe, model: Segmenter, device: torch.device, class_names=(),

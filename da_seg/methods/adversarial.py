@@ -109,7 +109,7 @@ class OutputSpaceAdversarial(Component):
         raise NotImplementedError
 
     def _inputs(self, out, size) -> dict[str, Tensor]:
-        return {level: self.discriminator_input(softmax_at(logits, size))
+        return {level: self.discriminator_input(softmax_at(logits, size, out.align_corners))
                 for level, logits in output_levels(out, self.options.multi_level, self.where)}
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:

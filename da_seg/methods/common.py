@@ -67,9 +67,9 @@ def level_suffix(level: str) -> str:
     return "" if level == "main" else f"_{level}"
 
 
-def softmax_at(logits: Tensor, size) -> Tensor:
+def softmax_at(logits: Tensor, size, align_corners: bool = False) -> Tensor:
     """(N, C, h, w) logits -> (N, C, *size) float32 softmax of the bilinearly upsampled logits."""
-    return F.softmax(upsample_logits(logits.float(), tuple(size)), dim=1)
+    return F.softmax(upsample_logits(logits.float(), tuple(size), align_corners), dim=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,10 +163,12 @@ class CycleGAN(Component):
         f, weight, ignore = self.segmenter, self.options.semantic_weight, self.setup.ignore_index
         with torch.no_grad():
             target_size = ctx.target.images.shape[-2:]
-            pseudo = upsample_logits(f(ctx.target.images).logits.float(), target_size).argmax(1)  # (N, H_t, W_t)
+            out = f(ctx.target.images)
+            pseudo = upsample_logits(out.logits.float(), target_size, out.align_corners).argmax(1)  # (N, H_t, W_t)
         labels = ctx.source.labels
-        logits_s = upsample_logits(f((fake_t + 1) / 2).logits.float(), labels.shape[-2:])
-        logits_t = upsample_logits(f((fake_s + 1) / 2).logits.float(), target_size)
+        out_s, out_t = f((fake_t + 1) / 2), f((fake_s + 1) / 2)
+        logits_s = upsample_logits(out_s.logits.float(), labels.shape[-2:], out_s.align_corners)
+        logits_t = upsample_logits(out_t.logits.float(), target_size, out_t.align_corners)
         return {"sem_s": weight * F.cross_entropy(logits_s, labels, ignore_index=ignore),
                 "sem_t": weight * F.cross_entropy(logits_t, pseudo)}
 

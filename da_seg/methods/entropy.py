@@ -88,7 +88,7 @@ def entropy_visual(ctx: StepContext) -> dict[str, Tensor]:
         return {}
     with torch.no_grad():
         image = ctx.target.images[0].detach().float().cpu()
-        prob = softmax_at(ctx.target_out.logits[:1].detach(), image.shape[-2:])
+        prob = softmax_at(ctx.target_out.logits[:1].detach(), image.shape[-2:], ctx.target_out.align_corners)
         ent = pixel_entropy(prob)[0].cpu()
     return {"target_entropy": torch.cat([to_uint8(image), colormap(ent)], dim=2)}
 
@@ -122,7 +122,7 @@ class MinEnt(Component):
         weights = {"main": self.options.weight, "aux": self.options.aux_weight}
         terms = {}
         for level, logits in output_levels(ctx.target_out, self.options.multi_level, f"components.{self.name}"):
-            prob = softmax_at(logits, size)                             # (N, C, H, W)
+            prob = softmax_at(logits, size, ctx.target_out.align_corners)  # (N, C, H, W)
             terms["ent" + level_suffix(level)] = ramp * weights[level] * entropy_loss(
                 prob, robust_eta=self.options.robust_eta, class_balance=self.options.class_balance)
         return terms

@@ -96,7 +96,8 @@ class SanSaw(Component):
             block = self.dg_norm.blocks[stage]
             output = features[feature_key(stage, "output")]                      # (N, C, h, w)
             if self.options.aux_weight > 0:
-                aux = upsample_logits(features[feature_key(stage, "aux_logits")], labels.shape[-2:])
+                aux = upsample_logits(features[feature_key(stage, "aux_logits")], labels.shape[-2:],
+                                      ctx.source_out.align_corners)
                 terms[f"ce_{stage}"] = self.options.aux_weight * F.cross_entropy(
                     aux.float(), labels, weight=class_weights, ignore_index=ignore)
             if self.options.san_weight > 0:

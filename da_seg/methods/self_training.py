@@ -115,9 +115,10 @@ def border_rows(height: int, top: int, bottom: int, reference_height: int) -> tu
     return min(top, height), min(bottom, height)
 
 
-def weighted_pixel_ce(logits: Tensor, labels: Tensor, weights: Tensor, ignore_index: int = 255) -> Tensor:
+def weighted_pixel_ce(logits: Tensor, labels: Tensor, weights: Tensor, ignore_index: int = 255,
+                      align_corners: bool = False) -> Tensor:
     """mean over all pixels of weight x CE; logits (N, C, h, w) upsampled to labels (N, H, W)."""
-    ce = F.cross_entropy(upsample_logits(logits, labels.shape[-2:]).float(), labels,
+    ce = F.cross_entropy(upsample_logits(logits, labels.shape[-2:], align_corners).float(), labels,
                          ignore_index=ignore_index, reduction="none")
     return (ce * weights).mean()
 
@@ -166,8 +167,9 @@ class MeanTeacher(Component):
         n, _, height, width = target.images.shape
         with torch.no_grad():
             with ctx.autocast():
-                teacher_logits = self.teacher(target.images).logits
-            probs = torch.softmax(upsample_logits(teacher_logits, (height, width)).float(), dim=1)
+                teacher_out = self.teacher(target.images)
+            probs = torch.softmax(upsample_logits(teacher_out.logits, (height, width), teacher_out.align_corners).float(),
+                                  dim=1)
             confidence, pseudo = probs.max(1)                                  # (N, H, W) each
             q = confidence_weight(confidence, opt.threshold)
             weights = q.expand(n, height, width).clone()
@@ -191,10 +193,11 @@ class MeanTeacher(Component):
 
         # The plain augmented target image needs no extra pass: share the cached one.
         out = ctx.target_out if (opt.mix == "none" and not self.strong.active) else ctx.forward(images)
-        terms = {"mixed_ce": opt.weight * weighted_pixel_ce(out.logits, labels, weights, self.setup.ignore_index)}
+        terms = {"mixed_ce": opt.weight * weighted_pixel_ce(out.logits, labels, weights, self.setup.ignore_index,
+                                                            out.align_corners)}
         if opt.aux_weight > 0 and out.aux_logits is not None:
             terms["mixed_ce_aux"] = opt.weight * opt.aux_weight * weighted_pixel_ce(
-                out.aux_logits, labels, weights, self.setup.ignore_index)
+                out.aux_logits, labels, weights, self.setup.ignore_index, out.align_corners)
         if self.imagenet is not None:
             terms["feature_distance"] = opt.feature_distance_weight * self._feature_distance(ctx)
         return terms

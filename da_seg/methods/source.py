@@ -47,11 +47,11 @@ def segmentation_ce(out: SegmenterOutput, labels: Tensor, options: CrossEntropyO
     if options.class_weighted:
         class_weights = batch_class_weights(labels, out.logits.shape[1], ignore_index)
     terms = {"ce": options.weight * F.cross_entropy(
-        upsample_logits(out.logits, size).float(), labels, weight=class_weights, ignore_index=ignore_index,
+        upsample_logits(out.logits, size, out.align_corners).float(), labels, weight=class_weights, ignore_index=ignore_index,
         label_smoothing=options.label_smoothing)}
     if out.aux_logits is not None and options.aux_weight > 0:
         terms["ce_aux"] = options.weight * options.aux_weight * F.cross_entropy(
-            upsample_logits(out.aux_logits, size).float(), labels, weight=class_weights, ignore_index=ignore_index,
+            upsample_logits(out.aux_logits, size, out.align_corners).float(), labels, weight=class_weights, ignore_index=ignore_index,
             label_smoothing=options.label_smoothing)
     return terms
 

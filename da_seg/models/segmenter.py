@@ -63,6 +63,7 @@ class SegmenterOutput:
     logits: Tensor
     aux_logits: Tensor | None = None
     features: dict[str, Tensor] = field(default_factory=dict)
+    align_corners: bool = False   # how these logits are upsampled to an image (the segmenter's convention)
 
 
 class Segmenter(nn.Module):
@@ -81,10 +82,15 @@ class Segmenter(nn.Module):
     num_classes: int
     output_stride: int
     input_norm: InputNorm
+    # Bilinear upsampling convention of the logits: the ADVENT / AdaptSegNet / DACS codes use
+    # align_corners=True, mmseg (DAFormer, SegFormer) False; ``[model] align_corners`` sets it.
+    align_corners: bool = False
 
     def forward(self, images: Tensor) -> SegmenterOutput:
         """images: (N, 3, H, W) RGB in [0, 1]."""
-        return self.forward_normalized(self.input_norm.apply(images))
+        out = self.forward_normalized(self.input_norm.apply(images))
+        out.align_corners = self.align_corners
+        return out
 
     def forward_normalized(self, x: Tensor) -> SegmenterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -113,8 +119,9 @@ class Segmenter(nn.Module):
         return [g for g in groups if g["params"]]
 
 
-def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """(N, C, h, w) -> (N, C, *size), bilinear; a no-op when the size already matches."""
+def upsample_logits(logits: Tensor, size: tuple[int, int], align_corners: bool = False) -> Tensor:
+    """(N, C, h, w) -> (N, C, *size), bilinear; a no-op when the size already matches.
+    ``align_corners``: the segmenter's convention (``SegmenterOutput.align_corners``)."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
