@@ -54,3 +54,19 @@ def test_a_run_that_fails_to_start_leaves_no_folder(write_recipe, tmp_path):
     with pytest.raises(Exception, match="nowhere_domain"):
         train(recipe, tmp_path / "runs", progress=False)
     assert not any(p.is_dir() for p in (tmp_path / "runs").rglob("0-*"))
+
+
+def test_a_runs_saved_recipe_trains_the_same_experiment(write_recipe, tmp_path):
+    # recipe.toml is what `da-seg train <run>/recipe.toml` reads: valid TOML, same recipe, same identity,
+    # including multi-line strings (the old writer put them on one line, which tomllib refused).
+    text = write_recipe(iters=2, extra="eval_every = 2").read_text()
+    path = tmp_path / "described.toml"
+    path.write_text(text.replace('name = "tiny"', 'name = "tiny"\nreference = """two\nlines "quoted" \\\\ back"""'))
+    recipe = load_recipe(path)
+    from da_seg.runs import train
+
+    train(recipe, tmp_path / "runs", progress=False)
+    (run_dir,) = find_runs(tmp_path / "runs", recipe)
+    saved = load_recipe(run_dir / "recipe.toml")
+    assert saved == recipe and saved.reference == 'two\nlines "quoted" \\ back'
+    assert recipe_identity(saved) == run_identity(run_dir)
