@@ -148,7 +148,8 @@ def training_state(trainer) -> dict[str, Any]:
             "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
             "side_scaler": trainer.side_scaler.state_dict(), "components": components_state(trainer.components),
-            "rng": rng_state(), "evaluations": trainer.evaluations, "best": trainer.best}
+            "rng": rng_state(), "evaluations": trainer.evaluations, "best": trainer.best,
+            "resume_changes": trainer.resume_changes}
 
 
 def save_training_state(trainer, run_dir: Path, best: bool = False) -> None:
@@ -171,6 +172,7 @@ def restore_training_state(trainer, state: dict[str, Any]) -> None:
         torch.manual_seed(torch.initial_seed() + trainer.dist.rank)
     trainer.iteration, trainer.best = state["iteration"], state["best"]
     trainer.evaluations = list(state["evaluations"])
+    trainer.resume_changes = list(state.get("resume_changes", []))
 
 
 def describe_last(run_dir: Path | None) -> str:
