@@ -86,7 +86,7 @@ def generator_options(recipe: Recipe) -> CycleGANOptions:
     return parse_options(CycleGAN, dict(recipe.components[CycleGAN.name] or {}), recipe.name)
 
 
-def output_location(recipe: Recipe, options: TranslateOptions, source: Domain,
+def output_location(options: TranslateOptions, source: Domain,
                     out: str | Path | None = None) -> tuple[str, Path]:
     """(name of the translated domain, its folder)."""
     name = options.output_domain or f"{source.name}_{CycleGAN.name}"
@@ -216,7 +216,7 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: Tra
     """
     checkpoint = Path(checkpoint).absolute()
     source = load_domain(recipe.data.source)
-    name, folder = output_location(recipe, options, source, out)
+    name, folder = output_location(options, source, out)
     splits = list(options.splits) or list(source.splits)
     for split in splits:
         source.split_spec(split)  # unknown split: fail before any work
