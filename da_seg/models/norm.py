@@ -17,7 +17,7 @@ Two methods train on the source only and make the encoder's features insensitive
   selected ones keep their features; the clustering (which the release meant to run on the whole
   batch with an exact 1-D solver) runs per image and class, with Lloyd iterations.
 - **ISW**'s instance normalization (RobustNet; Choi et al., CVPR 2021): IN (no affine) then ReLU
-  after a stage; the whitening loss on the IN output lives in ``methods/generalization.py``.
+  after a stage; the whitening loss on the IN output lives in ``methods/isw.py`` (and SAN-SAW's losses in ``methods/san_saw.py``).
   RobustNet puts the IN inside the stage's last block, before its ReLU (and replaces the stem's
   BN); here it sits on the stage output, so that one hook point serves every ResNet here.
 
