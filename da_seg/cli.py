@@ -8,17 +8,28 @@ from pathlib import Path
 
 import click
 
-from da_seg.config import ConfigError
+from da_seg.config import MAX_IMAGE_SIDE, ConfigError
+from da_seg.stages.base import check_device
 
 
-def _size(text: str | None) -> tuple[int, int] | None:
+def _size(ctx, param, text: str | None) -> tuple[int, int] | None:
+    """Callback of the HxW options; the bound is the recipes' (a larger side cannot fit in memory)."""
     if not text:
         return None
+    expected = f"{param.opts[0]} {text!r}; expected HxW (e.g. 512x1024) with both sides in 1..{MAX_IMAGE_SIDE} pixels"
     try:
-        h, w = text.lower().split("x")
-        return int(h), int(w)
+        h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not HxW (e.g. 512x1024)")
+        raise ValueError(expected) from None
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise ValueError(expected)
+    return h, w
+
+
+def _seeds(ctx, param, value: int) -> int:
+    if value < 1:  # zero seeds trains nothing and prints an empty table, which reads as success
+        raise ValueError(f"--seeds {value}; expected a positive number of seeds (seeds 0..N-1 are run)")
+    return value
 
 
 def _data_root() -> Path:
@@ -37,7 +48,7 @@ def main() -> None:
 @click.option("--resume", default=None, metavar="RUN_DIR|auto",
               help="Continue a run folder (its last.pt), or 'auto' for this recipe and seed's latest run.")
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--device", default="auto", show_default=True, callback=check_device, help="auto | cpu | cuda | cuda:N")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(recipe, overrides, seed, resume, runs_root, device, no_progress):
     """Train RECIPE (a TOML file) by its stage: one run, or a translate / self-training stage.
@@ -66,10 +77,10 @@ def train(recipe, overrides, seed, resume, runs_root, device, no_progress):
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--seeds", default=3, show_default=True, help="Run seeds 0..N-1.")
+@click.option("--seeds", default=3, show_default=True, callback=_seeds, help="Run seeds 0..N-1.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")
 @click.option("--no-progress", is_flag=True)
 def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
@@ -87,12 +98,13 @@ def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
 @click.option("--domain", required=True, help="Domain name or descriptor path.")
 @click.option("--split", default="val", show_default=True)
 @click.option("--mode", type=click.Choice(["whole", "slide"]), default="whole", show_default=True)
-@click.option("--input-size", default=None, help="Resize the network input, HxW (labels stay full size).")
-@click.option("--crop", default=None, help="Sliding-window size HxW.")
-@click.option("--stride", default=None, help="Sliding-window stride HxW.")
+@click.option("--input-size", default=None, callback=_size,
+              help="Resize the network input, HxW (labels stay full size).")
+@click.option("--crop", default=None, callback=_size, help="Sliding-window size HxW.")
+@click.option("--stride", default=None, callback=_size, help="Sliding-window stride HxW.")
 @click.option("--flip", is_flag=True, help="Average with the horizontally flipped prediction.")
 @click.option("--adabn", "adabn_domain", default=None, help="Recompute BatchNorm statistics on this domain's train images first.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--per-class", is_flag=True)
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
 def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, adabn_domain, device, per_class, json_out):
@@ -130,7 +142,7 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
     loader = eval_loader(dataset, 1)
     bar = Progress(len(loader), f"eval {dom.name}")
     result = evaluate(model, loader, num_classes=dom.num_classes, device=dev, class_subsets=dom.class_subsets,
-                      mode=mode, input_size=_size(input_size), crop=_size(crop), stride=_size(stride), flip=flip,
+                      mode=mode, input_size=input_size, crop=crop, stride=stride, flip=flip,
                       progress=lambda done, total: bar.update(done))
     bar.close()
     m = result.metrics

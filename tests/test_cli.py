@@ -4,15 +4,31 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
-from da_seg.cli import main
+from da_seg.cli import main, run
 
 
 def invoke(*args):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
+
+
+@pytest.fixture
+def fails(monkeypatch, capsys):
+    """``fails(*args)`` runs ``da-seg ARGS`` through the installed entry point (``run``, which
+    turns errors into one line) in this process; returns (exit code, stderr lines)."""
+    monkeypatch.delenv("DA_SEG_DEBUG", raising=False)
+
+    def _fails(*args):
+        monkeypatch.setattr(sys, "argv", ["da-seg", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            run()
+        return exited.value.code, capsys.readouterr().err.strip().splitlines()
+    return _fails
 
 
 def test_sweep_then_eval_then_compare(write_recipe, tiny_domains, tmp_path):
@@ -49,3 +65,38 @@ def test_bad_recipe_key_is_one_clear_line_and_exit_code_2(write_recipe, tmp_path
     assert done.returncode == 2
     assert "unknown key 'optim.momentun'; did you mean 'optim.momentum'?" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bad_device_is_one_line_before_anything_is_written(write_recipe, tmp_path, fails, monkeypatch):
+    recipe, runs = write_recipe(), tmp_path / "runs"
+    assert fails("train", recipe, "--runs", runs, "--device", "foo") == \
+        (2, ["error: --device 'foo'; expected auto, cpu, cuda or cuda:N"])
+    assert fails("sweep", recipe, "--runs", runs, "--device", "gpu0") == \
+        (2, ["error: --device 'gpu0'; expected auto, cpu, cuda or cuda:N"])
+    # A GPU asked for on a machine without one (whatever this machine has).
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, lines = fails("train", recipe, "--runs", runs, "--device", "cuda")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: --device 'cuda': CUDA is not available on this machine; use --device cpu")
+    code, lines = fails("eval", recipe, "--domain", "x", "--device", "cuda:1")
+    assert code == 2 and lines[0].startswith("error: --device 'cuda:1': CUDA is not available")
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("option, value", [("--input-size", "0x0"), ("--input-size", "512x-4"),
+                                           ("--input-size", "20000x20000"), ("--crop", "big"),
+                                           ("--stride", "0x16")])
+def test_eval_sizes_must_be_positive_and_fit_in_memory(tmp_path, fails, option, value):
+    # The size is refused while the command line is read: the "checkpoint" is not even opened.
+    not_read = tmp_path / "last.pt"
+    not_read.write_bytes(b"")
+    assert fails("eval", not_read, "--domain", "x", option, value) == \
+        (2, [f"error: {option} {value!r}; expected HxW (e.g. 512x1024) with both sides in 1..16384 pixels"])
+
+
+@pytest.mark.parametrize("seeds", ["0", "-2"])
+def test_sweep_over_no_seeds_fails_instead_of_printing_an_empty_table(write_recipe, tmp_path, fails, seeds):
+    runs = tmp_path / "runs"
+    assert fails("sweep", write_recipe(), "--seeds", seeds, "--runs", runs) == \
+        (2, [f"error: --seeds {seeds}; expected a positive number of seeds (seeds 0..N-1 are run)"])
+    assert not runs.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,10 +43,20 @@ from da_seg.utils.progress import Progress
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; ValueError (one line for the command) otherwise,
+    or when the GPU asked for is not there, before anything is loaded or written."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was requested but CUDA is not available")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device {device!r}; expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu "
+                             "(or auto, which picks the GPU when there is one)")
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"--device {device!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
     return torch.device(device)
 
 

@@ -52,7 +52,7 @@ from da_seg.engine.trainer import amp_dtype_for, pick_device
 from da_seg.methods.base import OptionError
 from da_seg.methods.cbst import DEFAULT_CAP, LabellingOptions, PseudoLabelCE, label_target_set
 from da_seg.runs import train_or_resume
-from da_seg.stages.base import parse_stage_options
+from da_seg.stages.base import check_device, parse_stage_options
 from da_seg.utils.files import write_json_atomic, write_text_atomic
 
 
@@ -340,7 +340,7 @@ class SelfTrainStage:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
 @click.option("--seed", type=int, default=None, help="Shortcut for --set train.seed=N.")
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--no-progress", is_flag=True)
 def self_train(recipe, rounds, portion_start, portion_step, portion_max, init_checkpoint, overrides, seed,
                runs_root, device, no_progress):
