@@ -116,7 +116,7 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
     from da_seg.data.datasets import SegmentationDataset
     from da_seg.data.domains import load_domain
     from da_seg.data.loaders import eval_loader, infinite_loader
-    from da_seg.engine.checkpoint import load_checkpoint
+    from da_seg.engine.checkpoint import load_segmenter_checkpoint
     from da_seg.engine.evaluate import SoftmaxEnsemble, evaluate, recompute_batchnorm
     from da_seg.utils.progress import Progress
     from da_seg.engine.checkpoint import restore_model
@@ -127,7 +127,7 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
     adabn_dom = load_domain(adabn_domain) if adabn_domain else None
     models, iterations = [], []
     for checkpoint in checkpoints:
-        state = load_checkpoint(Path(checkpoint))
+        state = load_segmenter_checkpoint(checkpoint)
         model = restore_model(state, dev)
         if dom.num_classes != model.num_classes:
             raise click.ClickException(f"{checkpoint} predicts {model.num_classes} classes but domain {dom.name!r} "

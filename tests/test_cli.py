@@ -100,3 +100,42 @@ def test_sweep_over_no_seeds_fails_instead_of_printing_an_empty_table(write_reci
     assert fails("sweep", write_recipe(), "--seeds", seeds, "--runs", runs) == \
         (2, [f"error: --seeds {seeds}; expected a positive number of seeds (seeds 0..N-1 are run)"])
     assert not runs.exists()
+
+
+def _tiny_segmenter_weights():
+    from da_seg.models import build_model
+
+    return build_model("deeplab_small", 3, width=8, aspp_channels=16).state_dict()
+
+
+def test_empty_or_truncated_checkpoint_is_one_line_for_eval_and_resume(write_recipe, tiny_domains, tmp_path, fails):
+    import torch
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"iteration": 3, "model": _tiny_segmenter_weights()}, whole)
+    truncated, empty = tmp_path / "truncated.pt", tmp_path / "empty.pt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # a copy cut short
+    empty.write_bytes(b"")
+    for path in (truncated, empty):
+        code, lines = fails("eval", path, "--domain", tiny_domains["target"])
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: cannot read checkpoint {path}: the file is empty or truncated (")
+    # --resume of a run folder whose last.pt was cut short (a disk filled by something else, a bad copy).
+    run_dir = tmp_path / "runs" / "stopped"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt").write_bytes(truncated.read_bytes())
+    code, lines = fails("train", write_recipe(), "--resume", run_dir, "--no-progress")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot read checkpoint {run_dir / 'last.pt'}: the file is empty or "
+                               "truncated (")
+
+
+def test_plain_state_dict_given_to_eval_is_named_as_not_a_da_seg_checkpoint(tiny_domains, tmp_path, fails):
+    import torch
+
+    weights = tmp_path / "weights.pth"
+    torch.save(_tiny_segmenter_weights(), weights)
+    code, lines = fails("eval", weights, "--domain", tiny_domains["target"])
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {weights} is not a da_seg checkpoint (it has no 'model_meta', which says "
+                               "how to rebuild the model; train it with da-seg")

@@ -3,6 +3,7 @@ components, evaluations), written atomically, and the trained segmenter rebuilt 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,11 @@ class IncompatibleResumeError(ValueError):
     """The recipe given to --resume differs from the one the checkpoint was trained with."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable (empty, truncated, foreign), or not a
+    da_seg checkpoint. The message names the file and what is wrong with it."""
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save through a temporary file that replaces ``path`` only once complete."""
     with atomic_write(path, "wb") as f:
@@ -39,8 +45,37 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # torch says "central directory" or nothing (EOFError): say what it means
+        raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, err)}") from err
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    torch_says = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    # torch.save writes a zip archive, whose index is at the end: a copy or a write that was cut
+    # short starts like a checkpoint and has no index.
+    if size == 0:
+        return "the file is empty or truncated (0 bytes)"
+    if isinstance(err, EOFError) or head == b"PK\x03\x04":
+        return f"the file is empty or truncated ({size} bytes; torch: {torch_says.split('. ')[0]})"
+    if isinstance(err, pickle.UnpicklingError):
+        return "it holds objects other than tensors and containers, which a weights-only load refuses"
+    return f"not a file that torch.save wrote ({type(err).__name__}: {torch_says[:200]})"
+
+
+def load_segmenter_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint that rebuilds its segmenter (``model_meta`` and ``model``: a da_seg ``last.pt``
+    or ``best.pt``), for evaluation and prediction."""
+    state = load_checkpoint(Path(path))
+    if not isinstance(state, dict) or "model_meta" not in state or "model" not in state:
+        missing = "model_meta" if not isinstance(state, dict) or "model_meta" not in state else "model"
+        raise CheckpointError(
+            f"{path} is not a da_seg checkpoint (it has no {missing!r}, which says how to rebuild the model; "
+            "train it with da-seg, whose last.pt and best.pt have it, or give a file of pretrained weights "
+            "to a recipe as model.pretrained)")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +106,7 @@ def restore_model(checkpoint: dict[str, Any], device: torch.device | str = "cpu"
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Segmenter:
     """A trained da_seg segmenter from a checkpoint file, in eval mode."""
-    return restore_model(load_checkpoint(Path(path)), device).eval()
+    return restore_model(load_segmenter_checkpoint(path), device).eval()
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path) -> None:

@@ -46,7 +46,7 @@ from da_seg.config import ConfigError, Recipe, load_recipe, recipe_from_dict, to
 from da_seg.data.datasets import SegmentationDataset
 from da_seg.data.domains import load_domain
 from da_seg.data.pseudo_labels import pseudo_domain_descriptor, write_marker
-from da_seg.engine.checkpoint import load_checkpoint, restore_model
+from da_seg.engine.checkpoint import load_segmenter_checkpoint, restore_model
 from da_seg.engine.logging import RunLogger
 from da_seg.engine.trainer import amp_dtype_for, pick_device
 from da_seg.methods.base import OptionError
@@ -134,7 +134,7 @@ def generate_pseudo_labels(checkpoint: Path, recipe: Recipe, round_dir: Path, ro
     if done_file.exists():
         return json.loads(done_file.read_text())
     dev = pick_device(device)
-    model = restore_model(load_checkpoint(checkpoint), dev).eval()
+    model = restore_model(load_segmenter_checkpoint(checkpoint), dev).eval()
     amp = amp_dtype_for(recipe.train.amp, dev)
     autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else None
     target = load_domain(recipe.data.target)
@@ -300,7 +300,7 @@ def _initial_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpo
 def check_same_model(recipe: Recipe, checkpoint: Path) -> None:
     """The rounds load the start checkpoint into the recipe's model: both must be the same network
     (options such as caffe_style change the network without changing its parameter names)."""
-    meta = load_checkpoint(checkpoint).get("model_meta", {})
+    meta = load_segmenter_checkpoint(checkpoint)["model_meta"]
     ours = {"name": recipe.model.name, "options": json.loads(json.dumps(dict(recipe.model.options)))}
     theirs = {"name": meta.get("name"), "options": json.loads(json.dumps(meta.get("options", {})))}
     if ours != theirs:
