@@ -263,6 +263,7 @@ def run() -> None:
     from da_seg.data.domains import DomainError
     from da_seg.data.synthetic import SyntheticDataError
     from da_seg.engine.logging import NonFiniteLossError
+    from da_seg.utils.files import StorageError
 
     if os.environ.get("DA_SEG_DEBUG"):  # full tracebacks for developers
         main()
@@ -275,7 +276,7 @@ def run() -> None:
         err.show()
         sys.exit(err.exit_code)
     except (ConfigError, DomainError, KeyError, FileNotFoundError, ValueError, NonFiniteLossError,
-            SyntheticDataError) as err:
+            SyntheticDataError, StorageError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         click.echo(f"error: {message}", err=True)
         sys.exit(2)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from da_seg.config import Recipe
 from da_seg.utils import distributed as du
+from da_seg.utils.files import make_new_folder, remove_new_folders
 
 
 def run_status(run_dir: Path) -> str:
@@ -73,8 +74,17 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
         if run_dir is None:
             run_dir = new_run_dir(runs_root, recipe)
     run_dir, resuming = du.broadcast_object((run_dir, resuming))
-    trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
-                      val_domains=val_domains)
+    # The folder is made before anything is built, so that one that cannot be written fails first,
+    # and it is removed again if the run cannot start (a data error): no half-made run folders.
+    made = make_new_folder(run_dir, "the run folder") if dist.is_main and not resuming else []
+    started = False
+    try:
+        trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
+                          val_domains=val_domains)
+        started = True
+    finally:
+        if not started:
+            remove_new_folders(made)
     if dist.is_main:
         print(("resuming " if resuming else "run folder ") + str(run_dir))
     return trainer.fit()

@@ -1,8 +1,10 @@
 """The `da-seg` command line, as a user types it (click's runner, tiny domains)."""
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -139,3 +141,75 @@ def test_plain_state_dict_given_to_eval_is_named_as_not_a_da_seg_checkpoint(tiny
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith(f"error: {weights} is not a da_seg checkpoint (it has no 'model_meta', which says "
                                "how to rebuild the model; train it with da-seg")
+
+
+def test_runs_folder_that_cannot_be_made_is_one_line_and_leaves_nothing(write_recipe, tmp_path, fails,
+                                                                       monkeypatch):
+    recipe = write_recipe()
+    # A runs root below a regular file can be made by nobody, root included (tests may run as
+    # root, for whom a chmod-ed folder is writable).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, lines = fails("train", recipe, "--runs", blocker / "runs", "--no-progress")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write the run folder {blocker / 'runs' / 'tiny_src_to_tiny_tgt'}")
+    assert lines[0].endswith(": a part of the path is a file, not a folder")
+    # A read-only runs folder, as the file system reports it (monkeypatched: root could write anyway).
+    runs = tmp_path / "runs"
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "mkdir", refused)
+        code, lines = fails("train", recipe, "--runs", runs, "--no-progress")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write the run folder {runs}") and lines[0].endswith(": permission denied")
+    assert not runs.exists()
+
+
+def test_run_that_cannot_start_leaves_no_run_folder(write_recipe, tmp_path, fails):
+    runs = tmp_path / "runs"
+    code, lines = fails("train", write_recipe(), "--runs", runs, "--set", f'data.source="{tmp_path / "gone.toml"}"')
+    assert code == 2 and "gone.toml" in lines[-1]
+    assert not runs.exists()  # the run folder made before the data was read is gone again, with its parents
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(write_recipe, tmp_path, fails, monkeypatch):
+    import torch
+
+    from da_seg.engine.checkpoint import load_checkpoint
+    from da_seg.runs import run_status
+
+    recipe, runs = write_recipe(iters=6), tmp_path / "runs"
+    real_save = torch.save
+
+    def disk_full_at_iteration_6(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("iteration") == 6:
+            f.write(b"PK\x03\x04 half a checkpoint")  # the write gets part of the way
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", disk_full_at_iteration_6)
+        code, lines = fails("train", recipe, "--runs", runs, "--no-progress")
+    (run_dir,) = (p.parent for p in runs.rglob("metrics.json"))
+    assert code == 2 and lines == [
+        f"error: cannot write {run_dir / 'last.pt'}: no space left on {run_dir} (the previous last.pt, if any, is "
+        f"kept as it was); stopped at iteration 6: make room, then continue with --resume {run_dir}"]
+    assert load_checkpoint(run_dir / "last.pt")["iteration"] == 3
+    assert not list(run_dir.glob(".*.tmp")) and run_status(run_dir) == "resumable"
+    invoke("train", recipe, "--resume", run_dir, "--no-progress")
+    assert run_status(run_dir) == "finished" and load_checkpoint(run_dir / "last.pt")["iteration"] == 6
+
+
+def test_run_folder_that_became_read_only_is_named_when_the_events_file_opens(tmp_path, monkeypatch):
+    from da_seg.engine import logging as run_logging
+    from da_seg.utils.files import StorageError
+
+    def read_only(logdir, *args, **kwargs):  # what the writer meets in a folder mounted read-only
+        raise OSError(errno.EROFS, "Read-only file system", logdir)
+
+    monkeypatch.setattr(run_logging, "SummaryWriter", read_only)
+    with pytest.raises(StorageError, match=rf"^cannot write the run folder {tmp_path}: read-only file system$"):
+        run_logging.RunLogger(tmp_path)

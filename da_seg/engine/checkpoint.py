@@ -17,7 +17,7 @@ from da_seg.methods.base import Component
 from da_seg.methods.common import bare
 from da_seg.models import build_model
 from da_seg.models.segmenter import InputNorm, Segmenter
-from da_seg.utils.files import atomic_write
+from da_seg.utils.files import StorageError, atomic_write
 
 # Recipe keys that may change between a run and its resume without changing what is trained.
 RESUME_SAFE_KEYS = {"train.log_every", "data.num_workers", "eval.max_panels", "eval.alignment_images",
@@ -34,7 +34,8 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file that replaces ``path`` only once complete."""
+    """torch.save through a temporary file that replaces ``path`` only once complete; a full disk
+    is a StorageError ("no space left on ...") and leaves the previous file loadable."""
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
 
@@ -190,9 +191,14 @@ def training_state(trainer) -> dict[str, Any]:
 def save_training_state(trainer, run_dir: Path, best: bool = False) -> None:
     """``last.pt`` (the whole state) and, when ``best``, ``best.pt`` (the model alone)."""
     state = training_state(trainer)
-    save_atomic(state, Path(run_dir) / "last.pt")
-    if best:
-        save_atomic({k: state[k] for k in ("iteration", "recipe", "model_meta", "model")}, Path(run_dir) / "best.pt")
+    try:
+        save_atomic(state, Path(run_dir) / "last.pt")
+        if best:
+            save_atomic({k: state[k] for k in ("iteration", "recipe", "model_meta", "model")},
+                        Path(run_dir) / "best.pt")
+    except StorageError as err:
+        raise StorageError(f"{err}; stopped at iteration {trainer.iteration}: make room, then continue "
+                           f"with --resume {run_dir}") from err
 
 
 def restore_training_state(trainer, state: dict[str, Any]) -> None:

@@ -12,14 +12,17 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from da_seg.utils.files import write_json_atomic
+from da_seg.utils.files import storage_error, write_json_atomic
 
 
 class RunLogger:
     """TensorBoard writer for one run; a no-op on non-main ranks."""
 
     def __init__(self, run_dir: Path | None, enabled: bool = True):
-        self.writer = SummaryWriter(str(run_dir)) if (enabled and run_dir is not None) else None
+        try:  # the writer creates the folder and opens its events file at once
+            self.writer = SummaryWriter(str(run_dir)) if (enabled and run_dir is not None) else None
+        except OSError as err:
+            raise storage_error(err, f"cannot write the run folder {run_dir}") from err
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
