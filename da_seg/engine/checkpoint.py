@@ -3,6 +3,7 @@ components, evaluations), written atomically, and the trained segmenter rebuilt 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 import random
 from pathlib import Path
@@ -17,7 +18,9 @@ from da_seg.methods.base import Component
 from da_seg.methods.common import bare
 from da_seg.models import build_model
 from da_seg.models.segmenter import InputNorm, Segmenter
-from da_seg.utils.files import StorageError, atomic_write
+from da_seg.utils.files import StorageError, atomic_write, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
 
 # Recipe keys that may change between a run and its resume without changing what is trained.
 RESUME_SAFE_KEYS = {"train.log_every", "data.num_workers", "eval.max_panels", "eval.alignment_images",
@@ -186,6 +189,14 @@ def training_state(trainer) -> dict[str, Any]:
             "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
             "side_scaler": trainer.side_scaler.state_dict(), "components": components_state(trainer.components),
             "rng": rng_state(), "evaluations": trainer.evaluations, "best": trainer.best}
+
+
+def remove_stale_checkpoint_writes(run_dir: Path) -> None:
+    """Delete the temporary ``.last.pt.*.tmp`` / ``.best.pt.*.tmp`` that a run killed while writing
+    a checkpoint left in its folder: each is as large as a checkpoint, and the resumed run writes
+    its own under new names, so they would only pile up. Called when the run resumes."""
+    for tmp in remove_stale_temporaries(run_dir, ("last.pt", "best.pt")):
+        log.info("removed %s, left by a checkpoint write that was interrupted", tmp)
 
 
 def save_training_state(trainer, run_dir: Path, best: bool = False) -> None:

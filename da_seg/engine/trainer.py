@@ -284,6 +284,8 @@ class Trainer:
 
     def _resume(self) -> None:
         path = self.run_dir / "last.pt"
+        if self.is_main:  # nothing of this run writes yet
+            ckpt.remove_stale_checkpoint_writes(self.run_dir)
         state = ckpt.load_checkpoint(path)
         ckpt.check_resumable(state, self.recipe, path)
         ckpt.restore_training_state(self, state)

@@ -2,8 +2,9 @@
 
 Every writer goes through :func:`atomic_write`: a temporary file in the destination folder
 (same file system, so the rename is atomic), flushed and fsync-ed, then ``os.replace``-d over
-the destination. A failure (full disk, kill) removes the temporary file and leaves the previous
-file as it was.
+the destination. A failure (full disk, an exception) removes the temporary file and leaves the
+previous file as it was; a killed process leaves its temporary file (``.<name>.<random>.tmp``)
+behind, which :func:`remove_stale_temporaries` clears when the writer starts again.
 
 A write that the file system refuses (no space, no permission, read-only) is a ``StorageError``
 naming the path, which the command line shows as one line.
@@ -69,6 +70,18 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             raise StorageError(f"cannot write {path}: no space left on {path.parent} (the previous "
                                f"{path.name}, if any, is kept as it was)") from err
         raise
+
+
+def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files of ``atomic_write`` for ``names`` in ``folder`` that a killed
+    writer left behind (each as large as the file it was writing); returns the ones removed.
+    Call it only when nothing else is writing those files."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def make_new_folder(path: str | Path, what: str = "the folder") -> list[Path]:
