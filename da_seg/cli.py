@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -36,9 +37,30 @@ def _data_root() -> Path:
     return Path(os.environ.get("DA_SEG_DATA", "data"))
 
 
+class _ConsoleHandler(logging.Handler):
+    """da_seg's log records on stderr, through click (which finds the current stderr at each
+    record, as a test runner or a redirect leaves it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record)
+        click.echo(text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}", err=True)
+
+
+def _show_logs_on_console() -> None:
+    """INFO and up of the ``da_seg`` loggers on the console (the pretrained-weights report: tensors
+    loaded, skipped, kept random), once per process; under torchrun on rank 0 only."""
+    logger = logging.getLogger("da_seg")
+    if os.environ.get("RANK", "0") != "0" or any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        return
+    logger.addHandler(_ConsoleHandler(logging.INFO))
+    if not logger.level or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Domain adaptation and generalization for semantic segmentation."""
+    _show_logs_on_console()
 
 
 @main.command()

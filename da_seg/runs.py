@@ -1,7 +1,8 @@
 """Run folders: where a run lives, whether it finished, and training one (new or resumed).
 
 ``runs/<source>_to_<target>/<recipe>/<seed>-<time>/`` holds one run: ``recipe.toml``,
-``metrics.json``, ``last.pt``, ``best.pt`` and its TensorBoard events. Stages
+``metrics.json``, ``last.pt``, ``best.pt``, ``train.log`` (the log records of the run: which
+pretrained tensors loaded, warnings) and its TensorBoard events. Stages
 (``da_seg.stages``) call :func:`train` and :func:`train_or_resume`; nothing here knows a stage.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
 
     Under torchrun every rank calls this; rank 0 picks the run folder and tells the others.
     """
+    from da_seg.engine.logging import run_log_file
     from da_seg.engine.trainer import Trainer, pick_device
 
     dist = du.init_distributed(str(pick_device(device)))
@@ -79,15 +81,16 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
     made = make_new_folder(run_dir, "the run folder") if dist.is_main and not resuming else []
     started = False
     try:
-        trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
-                          val_domains=val_domains)
-        started = True
+        with run_log_file(run_dir if dist.is_main else None):
+            trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
+                              val_domains=val_domains)
+            started = True
+            if dist.is_main:
+                print(("resuming " if resuming else "run folder ") + str(run_dir))
+            return trainer.fit()
     finally:
-        if not started:
+        if not started:  # after run_log_file closed train.log
             remove_new_folders(made)
-    if dist.is_main:
-        print(("resuming " if resuming else "run folder ") + str(run_dir))
-    return trainer.fit()
 
 
 def train_or_resume(recipe: Recipe, runs_root: Path, *, device: str = "auto", progress: bool = True,

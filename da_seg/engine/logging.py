@@ -1,11 +1,14 @@
-"""The only place that writes TensorBoard events, and the loss meter of the training loop."""
+"""The only place that writes TensorBoard events, the run's text log, and the loss meter of the
+training loop."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -61,6 +64,37 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+RUN_LOG = "train.log"
+
+
+@contextmanager
+def run_log_file(run_dir: Path | None) -> Iterator[None]:
+    """While a run is built and trains, da_seg's log records (INFO and up: which pretrained
+    tensors loaded, what was skipped or kept random, warnings) are appended to
+    ``<run_dir>/train.log``, so that the run folder says what its model started from.
+    ``None`` (a non-main rank): nothing is written."""
+    if run_dir is None:
+        yield
+        return
+    logger = logging.getLogger("da_seg")
+    try:
+        handler = logging.FileHandler(Path(run_dir) / RUN_LOG, encoding="utf-8")
+    except OSError as err:
+        raise storage_error(err, f"cannot write the run folder {run_dir}") from err
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logger.level
+    if not level or level > logging.INFO:  # unset (WARNING from the root) would drop the INFO records
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
 
 
 class NonFiniteLossError(RuntimeError):
