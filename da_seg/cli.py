@@ -2,32 +2,65 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from da_seg.config import ConfigError
+from da_seg.config import MAX_IMAGE_SIDE, ConfigError
+from da_seg.stages.base import check_device
 
 
-def _size(text: str | None) -> tuple[int, int] | None:
+def _size(ctx, param, text: str | None) -> tuple[int, int] | None:
+    """Callback of the HxW options; the bound is the recipes' (a larger side cannot fit in memory)."""
     if not text:
         return None
+    expected = f"{param.opts[0]} {text!r}; expected HxW (e.g. 512x1024) with both sides in 1..{MAX_IMAGE_SIDE} pixels"
     try:
-        h, w = text.lower().split("x")
-        return int(h), int(w)
+        h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not HxW (e.g. 512x1024)")
+        raise ValueError(expected) from None
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise ValueError(expected)
+    return h, w
+
+
+def _seeds(ctx, param, value: int) -> int:
+    if value < 1:  # zero seeds trains nothing and prints an empty table, which reads as success
+        raise ValueError(f"--seeds {value}; expected a positive number of seeds (seeds 0..N-1 are run)")
+    return value
 
 
 def _data_root() -> Path:
     return Path(os.environ.get("DA_SEG_DATA", "data"))
 
 
+class _ConsoleHandler(logging.Handler):
+    """da_seg's log records on stderr, through click (which finds the current stderr at each
+    record, as a test runner or a redirect leaves it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record)
+        click.echo(text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}", err=True)
+
+
+def _show_logs_on_console() -> None:
+    """INFO and up of the ``da_seg`` loggers on the console (the pretrained-weights report: tensors
+    loaded, skipped, kept random), once per process; under torchrun on rank 0 only."""
+    logger = logging.getLogger("da_seg")
+    if os.environ.get("RANK", "0") != "0" or any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        return
+    logger.addHandler(_ConsoleHandler(logging.INFO))
+    if not logger.level or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Domain adaptation and generalization for semantic segmentation."""
+    _show_logs_on_console()
 
 
 @main.command()
@@ -40,7 +73,7 @@ def main() -> None:
               help="With --resume: a recipe key the resumed run may change (e.g. optim.lr after a divergence); "
                    "recorded in its metrics.json.")
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--device", default="auto", show_default=True, callback=check_device, help="auto | cpu | cuda | cuda:N")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_progress):
     """Train RECIPE (a TOML file) by its stage: one run, or a translate / self-training stage.
@@ -72,10 +105,10 @@ def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_
 
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--seeds", default=3, show_default=True, help="Run seeds 0..N-1.")
+@click.option("--seeds", default=3, show_default=True, callback=_seeds, help="Run seeds 0..N-1.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")
 @click.option("--no-progress", is_flag=True)
 def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
@@ -93,12 +126,13 @@ def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
 @click.option("--domain", required=True, help="Domain name or descriptor path.")
 @click.option("--split", default="val", show_default=True)
 @click.option("--mode", type=click.Choice(["whole", "slide"]), default="whole", show_default=True)
-@click.option("--input-size", default=None, help="Resize the network input, HxW (labels stay full size).")
-@click.option("--crop", default=None, help="Sliding-window size HxW.")
-@click.option("--stride", default=None, help="Sliding-window stride HxW.")
+@click.option("--input-size", default=None, callback=_size,
+              help="Resize the network input, HxW (labels stay full size).")
+@click.option("--crop", default=None, callback=_size, help="Sliding-window size HxW.")
+@click.option("--stride", default=None, callback=_size, help="Sliding-window stride HxW.")
 @click.option("--flip", is_flag=True, help="Average with the horizontally flipped prediction.")
 @click.option("--adabn", "adabn_domain", default=None, help="Recompute BatchNorm statistics on this domain's train images first.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--per-class", is_flag=True)
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None)
 def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, adabn_domain, device, per_class, json_out):
@@ -110,7 +144,7 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
     from da_seg.data.datasets import SegmentationDataset
     from da_seg.data.domains import load_domain
     from da_seg.data.loaders import eval_loader, infinite_loader
-    from da_seg.engine.checkpoint import load_checkpoint
+    from da_seg.engine.checkpoint import load_segmenter_checkpoint
     from da_seg.engine.evaluate import SoftmaxEnsemble, evaluate, recompute_batchnorm
     from da_seg.utils.progress import Progress
     from da_seg.engine.checkpoint import restore_model
@@ -121,7 +155,7 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
     adabn_dom = load_domain(adabn_domain) if adabn_domain else None
     models, iterations = [], []
     for checkpoint in checkpoints:
-        state = load_checkpoint(Path(checkpoint))
+        state = load_segmenter_checkpoint(checkpoint)
         model = restore_model(state, dev)
         if dom.num_classes != model.num_classes:
             raise click.ClickException(f"{checkpoint} predicts {model.num_classes} classes but domain {dom.name!r} "
@@ -136,7 +170,7 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
     loader = eval_loader(dataset, 1)
     bar = Progress(len(loader), f"eval {dom.name}")
     result = evaluate(model, loader, num_classes=dom.num_classes, device=dev, class_subsets=dom.class_subsets,
-                      mode=mode, input_size=_size(input_size), crop=_size(crop), stride=_size(stride), flip=flip,
+                      mode=mode, input_size=input_size, crop=crop, stride=stride, flip=flip,
                       progress=lambda done, total: bar.update(done))
     bar.close()
     m = result.metrics
@@ -257,6 +291,7 @@ def run() -> None:
     from da_seg.data.domains import DomainError
     from da_seg.data.synthetic import SyntheticDataError
     from da_seg.engine.logging import NonFiniteLossError
+    from da_seg.utils.files import StorageError
 
     if os.environ.get("DA_SEG_DEBUG"):  # full tracebacks for developers
         main()
@@ -269,7 +304,7 @@ def run() -> None:
         err.show()
         sys.exit(err.exit_code)
     except (ConfigError, DomainError, KeyError, FileNotFoundError, ValueError, NonFiniteLossError,
-            SyntheticDataError) as err:
+            SyntheticDataError, StorageError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         click.echo(f"error: {message}", err=True)
         sys.exit(2)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -34,6 +35,77 @@ class UnknownNameError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class OptionError(ConfigError):
+    """An invalid value, raised by a settings dataclass's own check; ``key`` is relative to its table.
+
+    Whoever reads the table adds where it is (``_build``: ``<file>: augment.source.<key> ...``;
+    ``parse_options``: ``<file>: components.<method>.<key> ...``), so a dataclass need not know
+    which recipe, or which of several tables of its kind, it belongs to.
+    """
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"{key} {detail}")
+        self.key, self.detail = key, detail
+
+
+# Bounds on sizes that a typo makes absurd. Segmentation DA trains on a few images per domain and
+# GPU (AdaptSegNet and ADVENT 1, DAFormer 2); 1024 crops of even 256x256 are 200 MB of uint8
+# input before any activation, so a larger batch is an extra digit, not a setting, and would
+# start a run that can only die of memory.
+MAX_BATCH_SIZE = 1024
+# The largest images in use are 6000x6000 Potsdam tiles; at 16384x16384 the float logits of 19
+# classes alone are 20 GB, so a larger side is a typo that would only fail once it is allocated.
+MAX_IMAGE_SIDE = 16384
+
+
+def _shown(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _refuse(key: str, value: Any, expected: str):
+    raise OptionError(key, f"= {_shown(value)!r}; {expected}")
+
+
+def _count(key: str, value: int, least: int, what: str, most: int | None = None) -> None:
+    """An integer setting in ``least..most``; ``what`` is counted (``"iterations"``)."""
+    if value < least or (most is not None and value > most):
+        bound = (f"{least} to {most}" if most is not None else
+                 "a positive number of" if least == 1 else f"{least} or more")
+        _refuse(key, value, f"expected {bound} {what}")
+
+
+def _nonnegative(key: str, value: float, what: str) -> None:
+    if not 0 <= value < math.inf:  # written with `not` so that nan fails too
+        _refuse(key, value, f"expected {what} >= 0")
+
+
+def _between(key: str, value: float, low: float, high: float, what: str, open_low: bool = False,
+             open_high: bool = False) -> None:
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        _refuse(key, value, f"expected {what} in {interval}")
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        _refuse(key, value, f"valid: {', '.join(map(repr, valid))}")
+
+
+def _image_size(key: str, value: tuple[int, int] | None) -> None:
+    """An optional (H, W) in pixels."""
+    if value is not None and not all(1 <= v <= MAX_IMAGE_SIDE for v in value):
+        _refuse(key, value, f"expected [height, width] with both in 1..{MAX_IMAGE_SIDE} pixels")
+
+
+def _range(key: str, value: tuple[float, float], what: str) -> None:
+    """A (min, max) of positive numbers."""
+    low, high = value
+    if not (0 < low <= high < math.inf):
+        _refuse(key, value, f"expected [min, max] {what} with 0 < min <= max")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = ""                      # domain name (datasets/<name>.toml) or descriptor path
@@ -51,6 +123,16 @@ class DataConfig:
     rare_class_temperature: float = 0.01
     rare_class_min_pixels: int = 3000
 
+    def __post_init__(self):
+        for key in ("source_size", "target_size", "val_size"):
+            _image_size(key, getattr(self, key))
+        _count("batch_size", self.batch_size, 1, "images per domain and process", MAX_BATCH_SIZE)
+        _count("num_workers", self.num_workers, 0, "loader workers (0 loads in the main process)")
+        _choice("sampler", self.sampler, ("random", "rare_class"))
+        if not 0 < self.rare_class_temperature < math.inf:  # the rare-class sampler divides by it
+            _refuse("rare_class_temperature", self.rare_class_temperature, "expected a temperature > 0")
+        _count("rare_class_min_pixels", self.rare_class_min_pixels, 0, "pixels")
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -67,6 +149,17 @@ class AugmentConfig:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.15, 1.15)
     grayscale_p: float = 0.0
+
+    def __post_init__(self):
+        _image_size("crop", self.crop)
+        _range("scale", self.scale, "rescale factors")
+        for key in ("brightness", "contrast", "saturation"):
+            _nonnegative(key, getattr(self, key), "a jitter strength")
+        # kornia shifts the hue by up to +-hue of the colour circle and refuses more than half of it.
+        _between("hue", self.hue, 0, 0.5, "a hue jitter strength")
+        for key in ("color_p", "blur_p", "grayscale_p"):
+            _between(key, getattr(self, key), 0, 1, "a probability")
+        _range("blur_sigma", self.blur_sigma, "blur sigmas")
 
 
 @dataclass(frozen=True)
@@ -96,6 +189,19 @@ class OptimConfig:
     head_lr_mult: float = 10.0
     grad_clip: float = 0.0                # max global grad norm; 0 = off
 
+    def __post_init__(self):
+        _choice("name", self.name, ("sgd", "adamw", "adam"))
+        # lr = 0 is legal: a recipe whose segmenter does not train (a translator stage).
+        for key, what in (("lr", "a learning rate"), ("weight_decay", "a weight decay"),
+                          ("head_lr_mult", "an LR multiplier"), ("grad_clip", "a gradient norm (0 = off)")):
+            _nonnegative(key, getattr(self, key), what)
+        _between("momentum", self.momentum, 0, 1, "a momentum", open_high=True)
+        if self.nesterov and self.momentum == 0 and self.name == "sgd":
+            _refuse("nesterov", self.nesterov, "Nesterov SGD needs optim.momentum > 0")
+        for beta in self.betas:
+            if not 0 <= beta < 1:
+                _refuse("betas", self.betas, "expected [beta1, beta2] with both in [0, 1)")
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -104,6 +210,15 @@ class ScheduleConfig:
     poly_power: float = 0.9
     warmup_iters: int = 0                 # linear warm-up from warmup_ratio * lr
     warmup_ratio: float = 1e-6
+
+    def __post_init__(self):
+        _count("iters", self.iters, 1, "iterations")
+        # poly_iters < iters is legal: AdaptSegNet decays over 250k iterations and stops at 150k.
+        _count("poly_iters", self.poly_iters, 0, "iterations (0 decays over schedule.iters)")
+        # A negative power divides by zero at the last iteration, after the whole run trained.
+        _nonnegative("poly_power", self.poly_power, "a power (0 keeps the LR constant)")
+        _count("warmup_iters", self.warmup_iters, 0, "iterations")
+        _between("warmup_ratio", self.warmup_ratio, 0, 1, "the starting fraction of the LR", open_low=True)
 
 
 @dataclass(frozen=True)
@@ -115,6 +230,13 @@ class TrainConfig:
     checkpoint_every: int = 500
     deterministic: bool = False
     compile: bool = False                 # torch.compile the segmenter (CUDA)
+
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**32 - 1024:  # NumPy seeds are 32-bit unsigned; each process adds its rank
+            _refuse("seed", self.seed, "expected a seed in 0..2**32 - 1025")
+        _choice("amp", self.amp, ("auto", "bf16", "fp16", "off"))
+        for key in ("log_every", "eval_every", "checkpoint_every"):
+            _count(key, getattr(self, key), 1, "iterations")
 
 
 @dataclass(frozen=True)
@@ -131,8 +253,13 @@ class EvalConfig:
     alignment_images: int = 16          # per domain, for the source/target alignment picture; 0 = off
 
     def __post_init__(self):
-        if self.mode not in ("whole", "slide"):
-            raise ConfigError(f"eval.mode = {self.mode!r}; valid: 'whole', 'slide'")
+        _choice("mode", self.mode, ("whole", "slide"))
+        _image_size("input_size", self.input_size)
+        _count("batch_size", self.batch_size, 1, "images", MAX_BATCH_SIZE)
+        if self.adabn:
+            _count("adabn_batches", self.adabn_batches, 1, "batches (eval.adabn = true)")
+        _count("max_panels", self.max_panels, 0, "panels")
+        _count("alignment_images", self.alignment_images, 0, "images per domain (0 = off)")
         if self.mode == "slide":
             if self.crop is None:
                 raise ConfigError("eval.mode = 'slide' needs eval.crop = [h, w] (and optionally eval.stride)")
@@ -305,7 +432,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str):
         kwargs[name] = _coerce(hints[name], value, prefix + name, source)
     try:
         return cls(**kwargs)
-    except ConfigError as err:  # a value check of the dataclass itself: name the file
+    except OptionError as err:  # a value check of the dataclass itself: name the file and the table
+        raise ConfigError(f"{source}: {prefix}{err.key} {err.detail}") from None
+    except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
 

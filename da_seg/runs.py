@@ -1,7 +1,8 @@
 """Run folders: where a run lives, whether it finished, and training one (new or resumed).
 
 ``runs/<source>_to_<target>/<recipe>/<seed>-<time>-<identity>/`` holds one run: ``recipe.toml``,
-``metrics.json``, ``last.pt``, ``best.pt`` and its TensorBoard events. ``<identity>`` is
+``metrics.json``, ``last.pt``, ``best.pt``, ``train.log`` (the log records of the run: which
+pretrained tensors loaded, warnings) and its TensorBoard events. ``<identity>`` is
 :func:`da_seg.config.recipe_identity`, a hash of everything the run trains: a run is found
 (skipped when finished, resumed when interrupted) only by a recipe with the same name, seed and
 identity, so a sweep with another ``--set`` never reuses a run it did not ask for. Folders are
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 from da_seg.config import Recipe, recipe_identity, saved_identity
 from da_seg.utils import distributed as du
+from da_seg.utils.files import StorageError, make_new_folder, remove_new_folders
 
 
 def run_status(run_dir: Path) -> str:
@@ -51,17 +53,19 @@ def find_runs(runs_root: Path, recipe: Recipe) -> list[Path]:
                   if p.is_dir() and p.name.split("-", 1)[0] == seed and run_identity(p) == identity)
 
 
-def new_run_dir(runs_root: Path, recipe: Recipe) -> Path:
-    """Create (exclusively) and return a fresh run folder ``<seed>-<time>-<identity>[-n]``."""
+def new_run_dir(runs_root: Path, recipe: Recipe) -> tuple[Path, list[Path]]:
+    """Create (exclusively) a fresh run folder ``<seed>-<time>-<identity>[-n]``; returns it and the
+    folders made for it (for :func:`remove_new_folders`). StorageError when it cannot be written."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(runs_root) / recipe.pair / recipe.name / f"{recipe.train.seed}-{stamp}-{recipe_identity(recipe)}"
-    base.parent.mkdir(parents=True, exist_ok=True)
     path, n = base, 1
     while True:
         try:
-            path.mkdir()  # atomic: of two runs started within the same second, one gets -1
-            return path
-        except FileExistsError:
+            # atomic (the last mkdir of the chain): of two runs started within the same second, one gets -1
+            return path, make_new_folder(path, "the run folder")
+        except (FileExistsError, StorageError) as err:
+            if not isinstance(err, FileExistsError) and not isinstance(err.__cause__, FileExistsError):
+                raise  # not a name clash: the folder cannot be written at all
             path, n = base.with_name(f"{base.name}-{n}"), n + 1
 
 
@@ -74,11 +78,12 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
 
     Under torchrun every rank calls this; rank 0 picks the run folder and tells the others.
     """
+    from da_seg.engine.logging import run_log_file
     from da_seg.engine.trainer import Trainer, pick_device
 
     dist = du.init_distributed(str(pick_device(device)))
     run_dir: Path | None = None
-    resuming = False
+    resuming, made = False, []
     if dist.is_main:
         if resume == "auto":
             candidates = [p for p in find_runs(runs_root, recipe) if run_status(p) in ("resumable", "finished")]
@@ -93,18 +98,22 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
                 raise FileNotFoundError(f"--resume {run_dir}: no last.pt there (expected a run folder)")
             resuming = True
         if run_dir is None:
-            run_dir = new_run_dir(runs_root, recipe)
+            run_dir, made = new_run_dir(runs_root, recipe)
     run_dir, resuming = du.broadcast_object((run_dir, resuming))
+    # The folder is made (exclusively) before anything is built, so that one that cannot be written
+    # fails first, and it is removed again if the run cannot start (a data error): no half-made folders.
+    started = False
     try:
-        trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
-                          val_domains=val_domains, allow_changes=allow_changes)
-    except BaseException:
-        if dist.is_main and not resuming and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a run that never started leaves no folder behind
-        raise
-    if dist.is_main:
-        print(("resuming " if resuming else "run folder ") + str(run_dir))
-    return trainer.fit()
+        with run_log_file(run_dir if dist.is_main else None):
+            trainer = Trainer(recipe, run_dir, device=device, resume=resuming, progress=progress, dist=dist,
+                              val_domains=val_domains, allow_changes=allow_changes)
+            started = True
+            if dist.is_main:
+                print(("resuming " if resuming else "run folder ") + str(run_dir))
+            return trainer.fit()
+    finally:
+        if not started:  # after run_log_file closed train.log
+            remove_new_folders(made)
 
 
 def train_or_resume(recipe: Recipe, runs_root: Path, *, device: str = "auto", progress: bool = True,

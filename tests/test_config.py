@@ -83,3 +83,81 @@ def test_shipped_recipes_all_load():
     assert recipes, "no recipes shipped"
     for path in recipes:
         load_recipe(path)  # raises on any unknown key or wrong type
+
+
+# Each bad value fails when the recipe loads, naming the file and the key, not after training started
+# (a negative poly_power used to divide by zero at the last iteration; eval_every = 0 at the first).
+BAD_VALUES = [
+    ("schedule.iters=0", "expected a positive number of iterations"),
+    ("schedule.iters=-5", "expected a positive number of iterations"),
+    ("train.log_every=0", "expected a positive number of iterations"),
+    ("train.eval_every=0", "expected a positive number of iterations"),
+    ("train.checkpoint_every=-1", "expected a positive number of iterations"),
+    ("schedule.poly_power=-0.9", "expected a power (0 keeps the LR constant) >= 0"),
+    ("schedule.poly_power=nan", ">= 0"),
+    ("schedule.poly_iters=-1", "expected 0 or more iterations"),
+    ("schedule.warmup_iters=-10", "expected 0 or more iterations"),
+    ("schedule.warmup_ratio=0.0", "in (0, 1]"),
+    ("schedule.warmup_ratio=1.5", "in (0, 1]"),
+    ("data.source_size=[0, 64]", "expected [height, width] with both in 1..16384 pixels"),
+    ("data.target_size=[64, -1]", "expected [height, width]"),
+    ("data.val_size=[32, 0]", "expected [height, width]"),
+    ("data.batch_size=0", "expected 1 to 1024 images"),
+    ("data.batch_size=-2", "expected 1 to 1024 images"),
+    ("data.batch_size=2000000", "expected 1 to 1024 images"),
+    ("data.num_workers=-1", "expected 0 or more loader workers"),
+    ('data.sampler="rare"', "valid: 'random', 'rare_class'"),
+    ("data.rare_class_temperature=0.0", "expected a temperature > 0"),
+    ('optim.name="sgdm"', "valid: 'sgd', 'adamw', 'adam'"),
+    ("optim.lr=-1e-3", "expected a learning rate >= 0"),
+    ("optim.weight_decay=-1e-4", "expected a weight decay >= 0"),
+    ("optim.grad_clip=-1.0", "expected a gradient norm"),
+    ("optim.head_lr_mult=-10.0", "expected an LR multiplier >= 0"),
+    ("optim.momentum=1.0", "expected a momentum in [0, 1)"),
+    ("optim.momentum=-0.1", "expected a momentum in [0, 1)"),
+    ("optim.betas=[0.9, 1.0]", "both in [0, 1)"),
+    ('train.amp="yes"', "valid: 'auto', 'bf16', 'fp16', 'off'"),
+    ("train.seed=-1", "expected a seed"),
+    ("eval.batch_size=0", "expected 1 to 1024 images"),
+    ("eval.input_size=[0, 512]", "expected [height, width]"),
+    ("eval.input_size=[512, 100000]", "expected [height, width] with both in 1..16384"),
+    ("eval.adabn_batches=0", "expected a positive number of batches"),
+    ("eval.max_panels=-1", "expected 0 or more panels"),
+    ("eval.alignment_images=-4", "expected 0 or more images"),
+    ("augment.source.color_p=1.5", "expected a probability in [0, 1]"),
+    ("augment.target.blur_p=-0.1", "expected a probability in [0, 1]"),
+    ("augment.source.grayscale_p=2", "expected a probability in [0, 1]"),
+    ("augment.source.brightness=-0.4", "expected a jitter strength >= 0"),
+    ("augment.target.contrast=-0.1", "expected a jitter strength >= 0"),
+    ("augment.source.saturation=-1", "expected a jitter strength >= 0"),
+    ("augment.source.hue=0.7", "expected a hue jitter strength in [0, 0.5]"),
+    ("augment.source.scale=[0.0, 2.0]", "with 0 < min <= max"),
+    ("augment.target.scale=[1.5, 0.5]", "with 0 < min <= max"),
+    ("augment.source.crop=[0, 16]", "expected [height, width]"),
+    ("augment.target.blur_sigma=[-1.0, 1.0]", "with 0 < min <= max"),
+]
+
+
+@pytest.mark.parametrize("override, expected", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_bad_values_fail_when_the_recipe_loads_naming_file_and_key(tmp_path, override, expected):
+    path = write(tmp_path, "r.toml", '[data]\nsource = "a"\n[components.source_ce]\n')
+    overrides = [override] + (["eval.adabn=true"] if "adabn_batches" in override else [])
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, overrides)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key} = "), message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_edge_values_that_recipes_use_still_load(tmp_path):
+    path = write(tmp_path, "r.toml", '[data]\nsource = "a"\n[components.source_ce]\n')
+    # AdaptSegNet decays over 250k iterations and stops at 150k; a translator trains no segmenter
+    # (lr 0); a self-training round keeps its LR constant (power 0); adabn_batches only counts with adabn.
+    recipe = load_recipe(path, ["schedule.iters=150000", "schedule.poly_iters=250000", "optim.lr=0.0",
+                                "schedule.poly_power=0.0", "schedule.warmup_ratio=1.0", "data.num_workers=0",
+                                "optim.momentum=0.0", "eval.adabn_batches=0", "eval.alignment_images=0",
+                                "augment.source.scale=[1.0, 1.0]", "augment.source.hue=0.5",
+                                "augment.source.color_p=1.0", "data.batch_size=1024"])
+    assert recipe.schedule.poly_iters == 250000 and recipe.data.batch_size == 1024

@@ -23,6 +23,7 @@ from da_seg.methods.isw import InstanceSelectiveWhitening, isw_loss, sensitive_m
 from da_seg.methods.san_saw import saw_loss
 from da_seg.methods.source import CrossEntropyOptions, batch_class_weights, segmentation_ce
 from da_seg.models import build_model
+from da_seg.models.segmenter import SegmenterOutput
 from da_seg.models.norm import feature_key, heatmap_region, kmeans_1d, region_normalize
 from da_seg.runs import find_runs, train
 
@@ -287,7 +288,7 @@ def test_batch_class_weights_and_weighted_ce():
     labels = torch.tensor([[[0, 0, 0, 1], [2, 255, 0, 1]]])
     torch.testing.assert_close(batch_class_weights(labels, 4, 255), torch.tensor([1 - 4 / 8, 1 - 2 / 8, 1 - 1 / 8, 1.0]))
     logits = torch.randn(1, 4, 2, 4)
-    out = type("Out", (), {"logits": logits, "aux_logits": None})()
+    out = SegmenterOutput(logits=logits)
     plain = segmentation_ce(out, labels, CrossEntropyOptions(), 255)["ce"]
     weighted = segmentation_ce(out, labels, CrossEntropyOptions(class_weighted=True), 255)["ce"]
     expected = F.cross_entropy(logits, labels, weight=batch_class_weights(labels, 4, 255), ignore_index=255)

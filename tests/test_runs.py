@@ -34,7 +34,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(write_recipe, tmp
 
     def start():
         barrier.wait()
-        folders.append(new_run_dir(tmp_path / "runs", recipe))
+        folders.append(new_run_dir(tmp_path / "runs", recipe)[0])
 
     threads = [threading.Thread(target=start) for _ in range(4)]
     for thread in threads:

@@ -125,7 +125,7 @@ def test_resume_restores_the_teacher(write_recipe, tmp_path):
     path = write_recipe(MT, iters=6)
     runs = tmp_path / "runs"
     train(load_recipe(path, ["schedule.iters=3"]), runs, progress=False)
-    (run_dir,) = find_runs(runs, load_recipe(path))
+    (run_dir,) = find_runs(runs, load_recipe(path, ["schedule.iters=3"]))
     saved = load_checkpoint(run_dir / "last.pt")["components"]["mean_teacher"]["networks"]["teacher"]
     trainer = Trainer(load_recipe(path, ["schedule.iters=3"]), run_dir, resume=True, progress=False)
     (component,) = [c for c in trainer.components if c.name == "mean_teacher"]

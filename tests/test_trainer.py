@@ -200,13 +200,26 @@ def test_nonfinite_buffer_stops_before_evaluation_and_checkpoint(write_recipe, t
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_stale_checkpoint_temporaries_are_removed_on_resume(write_recipe, tmp_path):
-    path = write_recipe(iters=6)
-    runs = tmp_path / "runs"
-    short = load_recipe(path, ["schedule.iters=3"])
-    train(short, runs, progress=False)
-    (run_dir,) = find_runs(runs, short)
-    stale = run_dir / ".last.pt.abc123.tmp"
-    stale.write_bytes(b"half a checkpoint")
-    Trainer(short, run_dir, resume=True, progress=False)
-    assert not stale.exists() and (run_dir / "last.pt").exists()
+def test_resume_removes_temporary_checkpoint_files_a_kill_left_behind(write_recipe, tmp_path, caplog):
+    import logging
+
+    recipe = load_recipe(write_recipe(iters=4, extra="checkpoint_every = 2"))
+    run_dir = tmp_path / "run"
+    trainer = Trainer(recipe, run_dir, progress=False)
+    while trainer.iteration < 2:
+        trainer.step()
+    trainer.flush_logs()
+    trainer.save()
+    del trainer
+    # What a SIGKILL during torch.save leaves: atomic_write's temporaries (random names, never renamed).
+    stale = [run_dir / ".last.pt.k1ll3d_a.tmp", run_dir / ".best.pt.k1ll3d_b.tmp"]
+    for path in stale:
+        path.write_bytes(b"PK\x03\x04 part of a checkpoint")
+    other = run_dir / "notes.tmp"  # not a checkpoint write: not ours to delete
+    other.write_text("kept")
+    with caplog.at_level(logging.INFO, logger="da_seg"):
+        metrics = train(recipe, tmp_path, resume=run_dir, progress=False)
+    assert metrics["finished"] and metrics["iteration"] == 4
+    assert not any(path.exists() for path in stale) and other.exists()
+    assert not list(run_dir.glob(".*.tmp"))  # and the resumed run's own writes completed
+    assert f"removed {stale[0]}" in caplog.text

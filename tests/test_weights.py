@@ -336,3 +336,32 @@ def test_safetensors_reader_rejects_garbage(tmp_path):
     path.write_bytes(struct.pack("<Q", 10**9) + b"{}")
     with pytest.raises(WeightsError, match="bad.safetensors"):
         read_safetensors(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The report reaches the user
+# --------------------------------------------------------------------------------------------
+
+def test_weights_report_shows_on_the_console_and_in_the_run_log(write_recipe, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from da_seg.cli import run
+
+    weights = tmp_path / "mit_b0.pth"
+    torch.save(nvlabs_state(), weights)
+    recipe = write_recipe(iters=1, extra="eval_every = 1\ncheckpoint_every = 1")
+    text = recipe.read_text()
+    tiny_model = 'name = "deeplab_small"\noptions = { width = 8, aspp_channels = 16 }\n'
+    assert tiny_model in text
+    recipe.write_text(text.replace(tiny_model, f'name = "segformer_b0"\npretrained = "{weights}"\n'))
+    runs = tmp_path / "runs"
+    monkeypatch.delenv("DA_SEG_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["da-seg", "train", str(recipe), "--runs", str(runs), "--no-progress"])
+    run()
+    report = (f"loaded {len(mit_b0_table())} tensors from {weights} (nvlabs layout); not in file (trained from "
+              "scratch): head.linear_c.0.weight")
+    console = [line for line in capsys.readouterr().err.splitlines() if line.startswith(report)]
+    assert len(console) == 1 and "skipped: head.weight, head.bias" in console[0]
+    (log_file,) = runs.rglob("train.log")
+    assert any(line.endswith(f"INFO da_seg.models.weights: {console[0]}")
+               for line in log_file.read_text().splitlines())

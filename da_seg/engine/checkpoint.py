@@ -3,6 +3,8 @@ components, evaluations), written atomically, and the trained segmenter rebuilt 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import pickle
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +18,9 @@ from da_seg.methods.base import Component
 from da_seg.methods.common import bare
 from da_seg.models import build_model
 from da_seg.models.segmenter import InputNorm, Segmenter
-from da_seg.utils.files import atomic_write
+from da_seg.utils.files import StorageError, atomic_write, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
 
 
 
@@ -24,8 +28,14 @@ class IncompatibleResumeError(ValueError):
     """The recipe given to --resume differs from the one the checkpoint was trained with."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable (empty, truncated, foreign), or not a
+    da_seg checkpoint. The message names the file and what is wrong with it."""
+
+
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file that replaces ``path`` only once complete."""
+    """torch.save through a temporary file that replaces ``path`` only once complete; a full disk
+    is a StorageError ("no space left on ...") and leaves the previous file loadable."""
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
 
@@ -36,8 +46,37 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # torch says "central directory" or nothing (EOFError): say what it means
+        raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(path, err)}") from err
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    torch_says = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    # torch.save writes a zip archive, whose index is at the end: a copy or a write that was cut
+    # short starts like a checkpoint and has no index.
+    if size == 0:
+        return "the file is empty or truncated (0 bytes)"
+    if isinstance(err, EOFError) or head == b"PK\x03\x04":
+        return f"the file is empty or truncated ({size} bytes; torch: {torch_says.split('. ')[0]})"
+    if isinstance(err, pickle.UnpicklingError):
+        return "it holds objects other than tensors and containers, which a weights-only load refuses"
+    return f"not a file that torch.save wrote ({type(err).__name__}: {torch_says[:200]})"
+
+
+def load_segmenter_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint that rebuilds its segmenter (``model_meta`` and ``model``: a da_seg ``last.pt``
+    or ``best.pt``), for evaluation and prediction."""
+    state = load_checkpoint(Path(path))
+    if not isinstance(state, dict) or "model_meta" not in state or "model" not in state:
+        missing = "model_meta" if not isinstance(state, dict) or "model_meta" not in state else "model"
+        raise CheckpointError(
+            f"{path} is not a da_seg checkpoint (it has no {missing!r}, which says how to rebuild the model; "
+            "train it with da-seg, whose last.pt and best.pt have it, or give a file of pretrained weights "
+            "to a recipe as model.pretrained)")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +109,7 @@ def restore_model(checkpoint: dict[str, Any], device: torch.device | str = "cpu"
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Segmenter:
     """A trained da_seg segmenter from a checkpoint file, in eval mode."""
-    return restore_model(load_checkpoint(Path(path)), device).eval()
+    return restore_model(load_segmenter_checkpoint(path), device).eval()
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path) -> None:
@@ -152,12 +191,25 @@ def training_state(trainer) -> dict[str, Any]:
             "resume_changes": trainer.resume_changes}
 
 
+def remove_stale_checkpoint_writes(run_dir: Path) -> None:
+    """Delete the temporary ``.last.pt.*.tmp`` / ``.best.pt.*.tmp`` that a run killed while writing
+    a checkpoint left in its folder: each is as large as a checkpoint, and the resumed run writes
+    its own under new names, so they would only pile up. Called when the run resumes."""
+    for tmp in remove_stale_temporaries(run_dir, ("last.pt", "best.pt")):
+        log.info("removed %s, left by a checkpoint write that was interrupted", tmp)
+
+
 def save_training_state(trainer, run_dir: Path, best: bool = False) -> None:
     """``last.pt`` (the whole state) and, when ``best``, ``best.pt`` (the model alone)."""
     state = training_state(trainer)
-    save_atomic(state, Path(run_dir) / "last.pt")
-    if best:
-        save_atomic({k: state[k] for k in ("iteration", "recipe", "model_meta", "model")}, Path(run_dir) / "best.pt")
+    try:
+        save_atomic(state, Path(run_dir) / "last.pt")
+        if best:
+            save_atomic({k: state[k] for k in ("iteration", "recipe", "model_meta", "model")},
+                        Path(run_dir) / "best.pt")
+    except StorageError as err:
+        raise StorageError(f"{err}; stopped at iteration {trainer.iteration}: make room, then continue "
+                           f"with --resume {run_dir}") from err
 
 
 def restore_training_state(trainer, state: dict[str, Any]) -> None:
@@ -192,12 +244,6 @@ def nonfinite_tensors(modules: dict[str, nn.Module], limit: int = 5) -> list[str
     return [name for (name, _), ok in zip(named, finite.tolist()) if not ok][:limit]
 
 
-def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete half-written checkpoint files a kill left behind (``.last.pt.*.tmp``, ...)."""
-    stale = [p for p in Path(run_dir).glob(".*.pt.*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink()
-    return stale
 
 
 def check_resumable(state: dict[str, Any], recipe: Recipe, path: Path,

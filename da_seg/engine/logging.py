@@ -1,11 +1,14 @@
-"""The only place that writes TensorBoard events, and the loss meter of the training loop."""
+"""The only place that writes TensorBoard events, the run's text log, and the loss meter of the
+training loop."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -13,14 +16,17 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from da_seg.config import recipe_identity
-from da_seg.utils.files import write_json_atomic
+from da_seg.utils.files import storage_error, write_json_atomic
 
 
 class RunLogger:
     """TensorBoard writer for one run; a no-op on non-main ranks."""
 
     def __init__(self, run_dir: Path | None, enabled: bool = True):
-        self.writer = SummaryWriter(str(run_dir)) if (enabled and run_dir is not None) else None
+        try:  # the writer creates the folder and opens its events file at once
+            self.writer = SummaryWriter(str(run_dir)) if (enabled and run_dir is not None) else None
+        except OSError as err:
+            raise storage_error(err, f"cannot write the run folder {run_dir}") from err
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -59,6 +65,37 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+RUN_LOG = "train.log"
+
+
+@contextmanager
+def run_log_file(run_dir: Path | None) -> Iterator[None]:
+    """While a run is built and trains, da_seg's log records (INFO and up: which pretrained
+    tensors loaded, what was skipped or kept random, warnings) are appended to
+    ``<run_dir>/train.log``, so that the run folder says what its model started from.
+    ``None`` (a non-main rank): nothing is written."""
+    if run_dir is None:
+        yield
+        return
+    logger = logging.getLogger("da_seg")
+    try:
+        handler = logging.FileHandler(Path(run_dir) / RUN_LOG, encoding="utf-8")
+    except OSError as err:
+        raise storage_error(err, f"cannot write the run folder {run_dir}") from err
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logger.level
+    if not level or level > logging.INFO:  # unset (WARNING from the root) would drop the INFO records
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
 
 
 class NonFiniteLossError(RuntimeError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,10 +43,20 @@ from da_seg.utils.progress import Progress
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; ValueError (one line for the command) otherwise,
+    or when the GPU asked for is not there, before anything is loaded or written."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was requested but CUDA is not available")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device {device!r}; expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu "
+                             "(or auto, which picks the GPU when there is one)")
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"--device {device!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
     return torch.device(device)
 
 
@@ -277,7 +288,8 @@ class Trainer:
 
     def _resume(self, allow_changes: tuple[str, ...]) -> None:
         path = self.run_dir / "last.pt"
-        ckpt.remove_stale_temporaries(self.run_dir)
+        if self.is_main:  # nothing of this run writes yet
+            ckpt.remove_stale_checkpoint_writes(self.run_dir)
         state = ckpt.load_checkpoint(path)
         changed = ckpt.check_resumable(state, self.recipe, path, allow_changes)
         ckpt.restore_training_state(self, state)

@@ -29,20 +29,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from da_seg.config import ConfigError, check_keys
+from da_seg.config import ConfigError, OptionError, check_keys
 from da_seg.models.segmenter import SegmenterOutput
-
-
-class OptionError(ConfigError):
-    """An invalid component option, raised by an options dataclass; the message names the key.
-
-    ``parse_options`` turns it into ``<file>: components.<method>.<key> ...``, so options need not
-    know which recipe or which method they belong to.
-    """
-
-    def __init__(self, key: str, detail: str):
-        super().__init__(f"{key} {detail}")
-        self.key, self.detail = key, detail
 
 
 @dataclass

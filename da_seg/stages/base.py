@@ -32,3 +32,12 @@ def parse_stage_options(stage: Any, recipe: Recipe, source: str | None = None):
         raise ConfigError(f"{source}: the {stage.name} stage has no settings, but the recipe has a "
                           f"[{stage.name}] table ({', '.join(raw)})")
     return build_options(stage.Options, raw, f"{stage.name}.", source)
+
+
+def check_device(ctx, param, value: str) -> str:
+    """Callback of every command's ``--device``: a bad name, or a GPU that is not there, fails as
+    one line while the command line is read, before a recipe, a model or a run folder."""
+    from da_seg.engine.trainer import pick_device  # the engine is heavy: only for commands that run
+
+    pick_device(value)
+    return value

@@ -46,13 +46,13 @@ from da_seg.config import ConfigError, Recipe, load_recipe, recipe_from_dict, to
 from da_seg.data.datasets import SegmentationDataset
 from da_seg.data.domains import load_domain
 from da_seg.data.pseudo_labels import pseudo_domain_descriptor, write_marker
-from da_seg.engine.checkpoint import load_checkpoint, restore_model
+from da_seg.engine.checkpoint import load_segmenter_checkpoint, restore_model
 from da_seg.engine.logging import RunLogger
 from da_seg.engine.trainer import amp_dtype_for, pick_device
 from da_seg.methods.base import OptionError
 from da_seg.methods.cbst import DEFAULT_CAP, LabellingOptions, PseudoLabelCE, label_target_set
 from da_seg.runs import train_or_resume
-from da_seg.stages.base import parse_stage_options
+from da_seg.stages.base import check_device, parse_stage_options
 from da_seg.utils.files import write_json_atomic, write_text_atomic
 
 
@@ -134,7 +134,7 @@ def generate_pseudo_labels(checkpoint: Path, recipe: Recipe, round_dir: Path, ro
     if done_file.exists():
         return json.loads(done_file.read_text())
     dev = pick_device(device)
-    model = restore_model(load_checkpoint(checkpoint), dev).eval()
+    model = restore_model(load_segmenter_checkpoint(checkpoint), dev).eval()
     amp = amp_dtype_for(recipe.train.amp, dev)
     autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else None
     target = load_domain(recipe.data.target)
@@ -300,7 +300,7 @@ def _initial_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpo
 def check_same_model(recipe: Recipe, checkpoint: Path) -> None:
     """The rounds load the start checkpoint into the recipe's model: both must be the same network
     (options such as caffe_style change the network without changing its parameter names)."""
-    meta = load_checkpoint(checkpoint).get("model_meta", {})
+    meta = load_segmenter_checkpoint(checkpoint)["model_meta"]
     ours = {"name": recipe.model.name, "options": json.loads(json.dumps(dict(recipe.model.options)))}
     theirs = {"name": meta.get("name"), "options": json.loads(json.dumps(meta.get("options", {})))}
     if ours != theirs:
@@ -340,7 +340,7 @@ class SelfTrainStage:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
 @click.option("--seed", type=int, default=None, help="Shortcut for --set train.seed=N.")
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--no-progress", is_flag=True)
 def self_train(recipe, rounds, portion_start, portion_step, portion_max, init_checkpoint, overrides, seed,
                runs_root, device, no_progress):

@@ -50,7 +50,7 @@ from da_seg.methods.common import check_nonnegative
 from da_seg.methods.cyclegan import CycleGAN, CycleGANOptions
 from da_seg.models.cyclegan import ResnetGenerator, translate
 from da_seg.runs import train_or_resume
-from da_seg.stages.base import parse_stage_options
+from da_seg.stages.base import check_device, parse_stage_options
 from da_seg.utils import distributed as du
 from da_seg.utils.files import save_image_atomic, write_json_atomic, write_text_atomic
 from da_seg.utils.progress import Progress
@@ -347,7 +347,7 @@ class TranslateStage:
 @click.option("--descriptor-dir", default=None, type=click.Path(file_okay=False),
               help="Where the new domain's descriptor goes (default: the first $DA_SEG_DATASETS dir, else ./datasets).")
 @click.option("--overwrite", is_flag=True, help="Replace images another checkpoint wrote in the output folder.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--no-progress", is_flag=True)
 def translate_command(recipe, overrides, seed, runs_root, checkpoint, out, descriptor_dir, overwrite, device,
                       no_progress):
