@@ -47,7 +47,9 @@ def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_
     Multi-GPU: torchrun --nproc_per_node=N -m da_seg train ..."""
     from da_seg.runs import train as train_run
     from da_seg.stages import load, stage_of
+    from da_seg.utils.resources import find_recipe
 
+    recipe = str(find_recipe(recipe))  # a shipped recipes/... path works from any directory
     if seed is not None:
         overrides = (*overrides, f"train.seed={seed}")
     loaded = load(recipe, overrides)
@@ -83,7 +85,9 @@ def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
     from da_seg.engine.compare import collect_runs, compare_table
     from da_seg.stages import sweep as run_sweep
 
-    run_dirs = run_sweep([Path(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
+    from da_seg.utils.resources import find_recipe
+
+    run_dirs = run_sweep([find_recipe(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
                          device=device, progress=not no_progress)
     click.echo(compare_table(collect_runs(run_dirs), fmt=fmt))
 
@@ -214,9 +218,14 @@ def list_cmd(kind):
         for name, path in sorted(available_domains().items()):
             click.echo(f"{name:24s} {path}")
     else:
-        root = Path.cwd() / "recipes"
-        for path in sorted(root.rglob("*.toml")):
-            click.echo(str(path.relative_to(Path.cwd())))
+        from da_seg.utils.resources import shipped_recipes
+
+        # ./recipes first (yours, or the checkout's), then the shipped ones it does not shadow:
+        # every printed path is one `da-seg train` accepts from this directory.
+        local = Path("recipes")
+        names = {p.as_posix() for p in local.rglob("*.toml")} if local.is_dir() else set()
+        for name in sorted(names | set(shipped_recipes())):
+            click.echo(name)
 
 
 @main.command()
@@ -226,10 +235,11 @@ def check(recipes, overrides):
     """Check RECIPES without data or training: keys and values, stage, components and their
     options, and that the model and components build (random init, CPU). One line per recipe."""
     from da_seg.check import check_recipe
+    from da_seg.utils.resources import find_recipe
 
     failed = 0
     for path in recipes:
-        problem, note = check_recipe(Path(path), tuple(overrides))
+        problem, note = check_recipe(find_recipe(path), tuple(overrides))
         failed += problem is not None
         if problem and problem.startswith(f"{path}: "):  # the line already names the file
             problem = problem[len(path) + 2:]
