@@ -157,6 +157,64 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
 
 
 @main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-c", "--checkpoint", "checkpoints", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A trained checkpoint (last.pt / best.pt); repeat it for an ensemble.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the index/, color/ and overlay/ trees.")
+@click.option("--mode", type=click.Choice(["whole", "slide"]), default="whole", show_default=True)
+@click.option("--input-size", default=None, help="Resize each image to HxW for the network; the prediction is "
+                                                 "upsampled back to the image's size.")
+@click.option("--crop", default=None, help="Sliding-window size HxW (--mode slide).")
+@click.option("--stride", default=None, help="Sliding-window stride HxW (default: the crop).")
+@click.option("--flip", is_flag=True, help="Average with the horizontally flipped prediction.")
+@click.option("--alpha", default=0.5, show_default=True, help="Opacity of the colours in the overlay.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def predict(inputs, checkpoints, out_dir, mode, input_size, crop, stride, flip, alpha, device, no_progress):
+    """Segment images: INPUTS are image files, folders (searched recursively) or glob patterns
+    (quote them; ** for any depth). Checkpoints are named with -c, so that no input is mistaken
+    for one; several -c average their softmaxes (an ensemble, as in eval).
+
+    Each image is predicted at its own size and written, with its path relative to the folder
+    (or glob prefix) it was found under, as OUT/index/<path>.png (train ids, 8-bit),
+    OUT/color/<path>.png (the checkpoint's class colours) and OUT/overlay/<path>.png. A file
+    that cannot be read is skipped and named at the end; the exit code is 0 when at least one
+    image was written, 2 when none could be."""
+    from da_seg.engine.inference import load_models, palette_of, predict_files
+    from da_seg.engine.trainer import pick_device
+    from da_seg.utils.progress import Progress
+
+    looks_like_checkpoint = [i for i in inputs if i.endswith(".pt")]
+    if looks_like_checkpoint:
+        raise click.UsageError(f"{looks_like_checkpoint[0]} looks like a checkpoint: name checkpoints with "
+                               "-c/--checkpoint (inputs are images, folders or globs)")
+    model, meta = load_models(checkpoints, pick_device(device))
+    bar = Progress(0, "predict", enabled=not no_progress)
+
+    def show(done: int, total: int) -> None:
+        bar.total = total  # known once the inputs are expanded
+        bar.update(done)
+
+    report = predict_files(model, inputs, out_dir, colors=palette_of(meta, model.num_classes), mode=mode,
+                           input_size=_size(input_size), crop=_size(crop), stride=_size(stride), flip=flip,
+                           alpha=alpha, progress=show)
+    bar.close()
+    tried = len(report.written) + len(report.skipped)
+    if report.skipped:
+        click.echo(f"warning: skipped {len(report.skipped)} of {tried} inputs that could not be read: "
+                   + ", ".join(name for name, _ in report.skipped), err=True)
+        for name, reason in report.skipped:
+            click.echo(f"  {name}: {reason}", err=True)
+    if not report.written:
+        click.echo(f"error: no image could be read from {', '.join(inputs)}" if tried else
+                   f"error: no image found in {', '.join(inputs)}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {len(report.written)} predictions to {out_dir}/{{index,color,overlay}}/")
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--per-class", is_flag=True, help="Add per-class IoU columns (mean over seeds).")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")
