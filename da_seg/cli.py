@@ -215,6 +215,35 @@ def predict(inputs, checkpoints, out_dir, mode, input_size, crop, stride, flip, 
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "exported-program"]), required=True,
+              help="onnx (dynamo exporter; needs pip install 'da-seg[export]'), torchscript (torch.jit.trace; "
+                   "deprecated by PyTorch, still widely loaded) or exported-program (torch.export, a .pt2 file).")
+@click.option("--size", required=True, help="HxW of the images the exported model takes (the batch size is free).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write; a .json beside it "
+                                                                              "describes inputs, outputs and classes.")
+@click.option("--raw-input", is_flag=True, help="The model takes uint8 RGB pixels 0..255 instead of float RGB in [0, 1].")
+@click.option("--no-check", is_flag=True, help="Do not load the export back to compare it with PyTorch.")
+def export(checkpoint, fmt, size, out, raw_input, no_check):
+    """Export a trained segmenter: images (N, 3, H, W), RGB float in [0, 1] (uint8 0..255 with
+    --raw-input), in; logits (N, C, H/s, W/s) at the network's output stride s, out. The model
+    normalizes its input itself (the checkpoint's ImageNet or Caffe convention): feed plain RGB.
+    Upsample the logits bilinearly (align_corners as recorded in the .json) and take the argmax
+    for the train ids that da-seg predict writes."""
+    from da_seg.engine.checkpoint import load_checkpoint, restore_model
+    from da_seg.engine.export import describe, export_segmenter
+
+    state = load_checkpoint(Path(checkpoint))
+    report = export_segmenter(restore_model(state, "cpu").eval(), fmt, _size(size), out, raw_input=raw_input,
+                              meta=state.get("model_meta"), check=not no_check)
+    click.echo(describe(report))
+    if not report.matches:
+        click.echo(f"error: the exported model differs from PyTorch by {report.max_abs_diff:.3g} (tolerance "
+                   f"{report.tolerance:.3g}); do not deploy {out}", err=True)
+        sys.exit(2)
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--per-class", is_flag=True, help="Add per-class IoU columns (mean over seeds).")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")

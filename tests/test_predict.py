@@ -10,26 +10,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import tiny_recipe_text
 from da_seg.cli import main
 from da_seg.engine.checkpoint import load_checkpoint, restore_model, save_atomic
 from da_seg.engine.evaluate import SoftmaxEnsemble, predict
 from da_seg.engine.inference import collect_inputs, load_models, predict_files
 from da_seg.utils.visualize import colorize
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_domains, tmp_path_factory) -> Path:
-    """last.pt of a 2-iteration run of the tiny recipe."""
-    from da_seg.runs import train
-    from da_seg.stages import load
-
-    tmp = tmp_path_factory.mktemp("predict_run")
-    recipe = tmp / "tiny.toml"
-    recipe.write_text(tiny_recipe_text(tiny_domains, iters=2, extra="eval_every = 2\ncheckpoint_every = 2"))
-    train(load(recipe), tmp / "runs", device="cpu", progress=False)
-    (last,) = (tmp / "runs").rglob("last.pt")
-    return last
 
 
 @pytest.fixture
@@ -52,14 +37,14 @@ def _expected_ids(model, path: Path, **options) -> np.ndarray:
         return predict(model, image, **options).argmax(1)[0].numpy()
 
 
-def test_predict_writes_three_pngs_per_image_and_skips_the_corrupt_one(checkpoint, images, tmp_path):
+def test_predict_writes_three_pngs_per_image_and_skips_the_corrupt_one(tiny_checkpoint, images, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["predict", str(images), "-c", str(checkpoint), "--out", str(out),
+    result = CliRunner().invoke(main, ["predict", str(images), "-c", str(tiny_checkpoint), "--out", str(out),
                                        "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "warning: skipped 1 of 3 inputs that could not be read: " + str(images / "c.png") in result.output
     assert "notes.txt" not in result.output
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(tiny_checkpoint)
     model = restore_model(state).eval()
     colors = state["model_meta"]["colors"]
     for name, (height, width) in (("a.png", (32, 48)), ("sub/b.png", (41, 57))):
@@ -77,8 +62,8 @@ def test_predict_writes_three_pngs_per_image_and_skips_the_corrupt_one(checkpoin
         f"{kind}/{name}" for kind in ("color", "index", "overlay") for name in ("a.png", "sub/b.png"))
 
 
-def test_slide_flip_input_size_and_ensemble_match_predict(checkpoint, images, tmp_path):
-    state = load_checkpoint(checkpoint)
+def test_slide_flip_input_size_and_ensemble_match_predict(tiny_checkpoint, images, tmp_path):
+    state = load_checkpoint(tiny_checkpoint)
     # A second member that differs: the same weights, perturbed.
     torch.manual_seed(0)
     other = dict(state, model={k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
@@ -94,23 +79,24 @@ def test_slide_flip_input_size_and_ensemble_match_predict(checkpoint, images, tm
     }
     for case, (options, model, kwargs) in cases.items():
         out = tmp_path / case
-        result = CliRunner().invoke(main, ["predict", str(images / "sub" / "b.png"), "-c", str(checkpoint), *options,
-                                           "--out", str(out), "--device", "cpu", "--no-progress"])
+        result = CliRunner().invoke(main, ["predict", str(images / "sub" / "b.png"), "-c", str(tiny_checkpoint),
+                                           *options, "--out", str(out), "--device", "cpu", "--no-progress"])
         assert result.exit_code == 0, (case, result.output)
         ids = np.array(Image.open(out / "index" / "b.png"))
         assert ids.shape == (41, 57), case
         np.testing.assert_array_equal(ids, _expected_ids(model, images / "sub" / "b.png", **kwargs), err_msg=case)
 
 
-def test_nothing_readable_exits_2_and_a_checkpoint_as_input_is_refused(checkpoint, images, tmp_path):
+def test_nothing_readable_exits_2_and_a_checkpoint_as_input_is_refused(tiny_checkpoint, images, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(main, ["predict", str(images / "c.png"), str(images / "missing.png"), "-c", str(checkpoint),
-                                  "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    result = runner.invoke(main, ["predict", str(images / "c.png"), str(images / "missing.png"),
+                                  "-c", str(tiny_checkpoint), "--out", str(tmp_path / "out"), "--device", "cpu",
+                                  "--no-progress"])
     assert result.exit_code == 2
     assert f"{images / 'missing.png'}: not found" in result.output and "error: no image could be read" in result.output
     assert not (tmp_path / "out").exists()
-    result = runner.invoke(main, ["predict", str(checkpoint), str(images), "--out", str(tmp_path / "out2"),
-                                  "-c", str(checkpoint)])
+    result = runner.invoke(main, ["predict", str(tiny_checkpoint), str(images), "--out", str(tmp_path / "out2"),
+                                  "-c", str(tiny_checkpoint)])
     assert result.exit_code == 2 and "looks like a checkpoint: name checkpoints with -c" in result.output
 
 
@@ -128,8 +114,8 @@ def test_inputs_keep_their_relative_paths(images, tmp_path, monkeypatch):
         collect_inputs(["images"])
 
 
-def test_predict_files_api_reports_skipped_files(checkpoint, images, tmp_path):
-    model, meta = load_models([checkpoint])
+def test_predict_files_api_reports_skipped_files(tiny_checkpoint, images, tmp_path):
+    model, meta = load_models([tiny_checkpoint])
     report = predict_files(model, [images], tmp_path / "out", colors=meta["colors"])
     assert [i.relative.as_posix() for i in report.written] == ["a.png", "sub/b.png"]
     assert [name for name, _ in report.skipped] == [str(images / "c.png")]

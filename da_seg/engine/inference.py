@@ -69,7 +69,8 @@ def output_paths(out_dir: Path, item: ImageInput) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------
 # Models
 
-def load_models(checkpoints: Sequence[str | Path], device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_models(checkpoints: Sequence[str | Path],
+                device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """One checkpoint -> its segmenter; several -> their ``SoftmaxEnsemble``, in eval mode.
 
     Returns (model, meta) where meta is the first checkpoint's ``model_meta`` (class names,
