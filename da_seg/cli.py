@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+import da_seg
 from da_seg.config import ConfigError
 
 
@@ -26,6 +27,7 @@ def _data_root() -> Path:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(da_seg.__version__, "--version", prog_name="da-seg")
 def main() -> None:
     """Domain adaptation and generalization for semantic segmentation."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import da_seg
 from conftest import tiny_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +55,9 @@ def test_wheel_ships_domains_and_recipes_and_trains_elsewhere(installed_wheel, t
     started = time.perf_counter()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = _run(installed_wheel, elsewhere, "-c", "import da_seg; print(da_seg.__file__)")
-    assert where.stdout.strip() == str(installed_wheel / "da_seg" / "__init__.py"), where.stderr
+    where = _run(installed_wheel, elsewhere, "-c", "import da_seg; print(da_seg.__file__, da_seg.__version__)")
+    # The installed copy, with its version from the wheel's metadata (no setup.cfg beside it).
+    assert where.stdout.split() == [str(installed_wheel / "da_seg" / "__init__.py"), da_seg.__version__], where.stderr
 
     listed = _run(installed_wheel, elsewhere, "-m", "da_seg", "list", "domains")
     assert listed.returncode == 0, listed.stderr

@@ -32,9 +32,14 @@ def stage_of(recipe: Recipe, source: str | None = None):
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe and check everything that can be checked without data or networks: its keys
     and values, its stage and the stage's table, every component's name and options."""
-    recipe = load_recipe(path, tuple(overrides))
-    parse_stage_options(stage_of(recipe, str(path)), recipe, str(path))
-    validate(recipe, str(path))
+    return validated(load_recipe(path, tuple(overrides)), str(path))
+
+
+def validated(recipe: Recipe, source: str | None = None) -> Recipe:
+    """``recipe`` itself once its stage, the stage's table and its components are checked (what
+    :func:`load` checks beyond the keys and values, for a recipe built in Python)."""
+    parse_stage_options(stage_of(recipe, source), recipe, source)
+    validate(recipe, source)
     return recipe
 
 
