@@ -22,6 +22,19 @@ def _size(text: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(f"{text!r} is not HxW (e.g. 512x1024)")
 
 
+def _toml_value(value) -> str:
+    """How a default is written in a recipe: true, 0.001, "bce", [1, 2]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    return repr(value) if value is not None else "(unset)"
+
+
 def _data_root() -> Path:
     return Path(os.environ.get("DA_SEG_DATA", "data"))
 
@@ -296,11 +309,21 @@ def list_cmd(kind):
         for name, params, description in rows:
             click.echo(f"{name:24s} {params:8.2f}M  {description}")
     elif kind == "methods":
-        from da_seg.methods import METHODS
+        import inspect
+
+        from da_seg.methods import METHODS, method_options
 
         for name, cls in METHODS.items():
-            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            click.echo(f"{name:20s} {doc}")
+            click.echo(name + (f"  (stage {cls.stage} only)" if cls.stage else ""))
+            for line in (inspect.getdoc(cls) or "").splitlines():
+                click.echo(f"    {line}".rstrip())
+            options = method_options(cls)
+            click.echo(f"    [components.{name}] options:" if options else "    no options")
+            width = max((len(f"{o.name} = {_toml_value(o.default)}") for o in options), default=0)
+            for o in options:
+                assignment = f"{o.name} = {_toml_value(o.default)}"
+                click.echo(f"      {assignment:{width}s}  # {o.type}" + (f"; {o.comment}" if o.comment else ""))
+            click.echo("")
     elif kind == "domains":
         from da_seg.data.domains import available_domains
 
