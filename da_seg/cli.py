@@ -1,4 +1,5 @@
-"""The `da-seg` command: train, sweep, check, eval, compare, synth, prepare, list, self-train, translate."""
+"""The `da-seg` command: train, sweep, check, eval, predict, export, compare, synth, prepare, list,
+self-train, translate."""
 from __future__ import annotations
 
 import json
@@ -99,7 +100,6 @@ def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
     """Run RECIPES over seeds one after another (resuming interrupted runs), then compare them."""
     from da_seg.engine.compare import collect_runs, compare_table
     from da_seg.stages import sweep as run_sweep
-
     from da_seg.utils.resources import find_recipe
 
     run_dirs = run_sweep([find_recipe(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
@@ -237,7 +237,8 @@ def predict(inputs, checkpoints, out_dir, mode, input_size, crop, stride, flip, 
 @click.option("--size", required=True, help="HxW of the images the exported model takes (the batch size is free).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write; a .json beside it "
                                                                               "describes inputs, outputs and classes.")
-@click.option("--raw-input", is_flag=True, help="The model takes uint8 RGB pixels 0..255 instead of float RGB in [0, 1].")
+@click.option("--raw-input", is_flag=True,
+              help="The model takes uint8 RGB pixels 0..255 instead of float RGB in [0, 1].")
 @click.option("--no-check", is_flag=True, help="Do not load the export back to compare it with PyTorch.")
 def export(checkpoint, fmt, size, out, raw_input, no_check):
     """Export a trained segmenter: images (N, 3, H, W), RGB float in [0, 1] (uint8 0..255 with

@@ -50,7 +50,7 @@ def _run(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow  # ~40 s on 2 busy cores: a wheel build and five da_seg processes, one a 2-iteration run
+@pytest.mark.slow  # 30-40 s on 2 busy cores: a wheel build and five da_seg processes, one a 2-iteration run
 def test_wheel_ships_domains_and_recipes_and_trains_elsewhere(installed_wheel, tiny_domains, tmp_path):
     started = time.perf_counter()
     elsewhere = tmp_path / "elsewhere"
