@@ -1,4 +1,5 @@
-"""The `da-seg` command: train, sweep, check, eval, compare, synth, prepare, list, self-train, translate."""
+"""The `da-seg` command: train, sweep, check, eval, predict, export, compare, synth, prepare, list,
+self-train, translate."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import click
 
+import da_seg
 from da_seg.config import MAX_IMAGE_SIDE, ConfigError
 from da_seg.stages.base import check_device
 
@@ -31,6 +33,19 @@ def _seeds(ctx, param, value: int) -> int:
     if value < 1:  # zero seeds trains nothing and prints an empty table, which reads as success
         raise ValueError(f"--seeds {value}; expected a positive number of seeds (seeds 0..N-1 are run)")
     return value
+
+
+def _toml_value(value) -> str:
+    """How a default is written in a recipe: true, 0.001, "bce", [1, 2]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    return repr(value) if value is not None else "(unset)"
 
 
 def _data_root() -> Path:
@@ -58,6 +73,7 @@ def _show_logs_on_console() -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(da_seg.__version__, "--version", prog_name="da-seg")
 def main() -> None:
     """Domain adaptation and generalization for semantic segmentation."""
     _show_logs_on_console()
@@ -80,7 +96,9 @@ def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_
     Multi-GPU: torchrun --nproc_per_node=N -m da_seg train ..."""
     from da_seg.runs import train as train_run
     from da_seg.stages import load, stage_of
+    from da_seg.utils.resources import find_recipe
 
+    recipe = str(find_recipe(recipe))  # a shipped recipes/... path works from any directory
     if seed is not None:
         overrides = (*overrides, f"train.seed={seed}")
     loaded = load(recipe, overrides)
@@ -115,8 +133,9 @@ def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
     """Run RECIPES over seeds one after another (resuming interrupted runs), then compare them."""
     from da_seg.engine.compare import collect_runs, compare_table
     from da_seg.stages import sweep as run_sweep
+    from da_seg.utils.resources import find_recipe
 
-    run_dirs = run_sweep([Path(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
+    run_dirs = run_sweep([find_recipe(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
                          device=device, progress=not no_progress)
     click.echo(compare_table(collect_runs(run_dirs), fmt=fmt))
 
@@ -187,6 +206,94 @@ def eval_cmd(checkpoints, domain, split, mode, input_size, crop, stride, flip, a
 
 
 @main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-c", "--checkpoint", "checkpoints", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A trained checkpoint (last.pt / best.pt); repeat it for an ensemble.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the index/, color/ and overlay/ trees.")
+@click.option("--mode", type=click.Choice(["whole", "slide"]), default="whole", show_default=True)
+@click.option("--input-size", default=None, callback=_size,
+              help="Resize each image to HxW for the network; the prediction is upsampled back to the image's size.")
+@click.option("--crop", default=None, callback=_size, help="Sliding-window size HxW (--mode slide).")
+@click.option("--stride", default=None, callback=_size, help="Sliding-window stride HxW (default: the crop).")
+@click.option("--flip", is_flag=True, help="Average with the horizontally flipped prediction.")
+@click.option("--alpha", default=0.5, show_default=True, help="Opacity of the colours in the overlay.")
+@click.option("--device", default="auto", show_default=True, callback=check_device)
+@click.option("--no-progress", is_flag=True)
+def predict(inputs, checkpoints, out_dir, mode, input_size, crop, stride, flip, alpha, device, no_progress):
+    """Segment images: INPUTS are image files, folders (searched recursively) or glob patterns
+    (quote them; ** for any depth). Checkpoints are named with -c, so that no input is mistaken
+    for one; several -c average their softmaxes (an ensemble, as in eval).
+
+    Each image is predicted at its own size and written, with its path relative to the folder
+    (or glob prefix) it was found under, as OUT/index/<path>.png (train ids, 8-bit),
+    OUT/color/<path>.png (the checkpoint's class colours) and OUT/overlay/<path>.png. A file
+    that cannot be read is skipped and named at the end; the exit code is 0 when at least one
+    image was written, 2 when none could be."""
+    from da_seg.engine.inference import load_models, palette_of, predict_files
+    from da_seg.engine.trainer import pick_device
+    from da_seg.utils.progress import Progress
+
+    looks_like_checkpoint = [i for i in inputs if i.endswith(".pt")]
+    if looks_like_checkpoint:
+        raise click.UsageError(f"{looks_like_checkpoint[0]} looks like a checkpoint: name checkpoints with "
+                               "-c/--checkpoint (inputs are images, folders or globs)")
+    model, meta = load_models(checkpoints, pick_device(device))
+    bar = Progress(0, "predict", enabled=not no_progress)
+
+    def show(done: int, total: int) -> None:
+        bar.total = total  # known once the inputs are expanded
+        bar.update(done)
+
+    report = predict_files(model, inputs, out_dir, colors=palette_of(meta, model.num_classes), mode=mode,
+                           input_size=input_size, crop=crop, stride=stride, flip=flip, alpha=alpha, progress=show)
+    bar.close()
+    tried = len(report.written) + len(report.skipped)
+    if report.skipped:
+        click.echo(f"warning: skipped {len(report.skipped)} of {tried} inputs that could not be read: "
+                   + ", ".join(name for name, _ in report.skipped), err=True)
+        for name, reason in report.skipped:
+            click.echo(f"  {name}: {reason}", err=True)
+    if not report.written:
+        click.echo(f"error: no image could be read from {', '.join(inputs)}" if tried else
+                   f"error: no image found in {', '.join(inputs)}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {len(report.written)} predictions to {out_dir}/{{index,color,overlay}}/")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "exported-program"]), required=True,
+              help="onnx (dynamo exporter; needs pip install 'da-seg[export]'), torchscript (torch.jit.trace; "
+                   "deprecated by PyTorch, still widely loaded) or exported-program (torch.export, a .pt2 file).")
+@click.option("--size", required=True, callback=_size,
+              help="HxW of the images the exported model takes (the batch size is free).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write; a .json beside it "
+                                                                              "describes inputs, outputs and classes.")
+@click.option("--raw-input", is_flag=True,
+              help="The model takes uint8 RGB pixels 0..255 instead of float RGB in [0, 1].")
+@click.option("--no-check", is_flag=True, help="Do not load the export back to compare it with PyTorch.")
+def export(checkpoint, fmt, size, out, raw_input, no_check):
+    """Export a trained segmenter: images (N, 3, H, W), RGB float in [0, 1] (uint8 0..255 with
+    --raw-input), in; logits (N, C, H/s, W/s) at the network's output stride s, out. The model
+    normalizes its input itself (the checkpoint's ImageNet or Caffe convention): feed plain RGB.
+    Upsample the logits bilinearly (align_corners as recorded in the .json) and take the argmax
+    for the train ids that da-seg predict writes."""
+    from da_seg.engine.checkpoint import load_checkpoint, restore_model
+    from da_seg.engine.export import describe, export_segmenter
+
+    state = load_checkpoint(Path(checkpoint))
+    report = export_segmenter(restore_model(state, "cpu").eval(), fmt, size, out, raw_input=raw_input,
+                              meta=state.get("model_meta"), check=not no_check)
+    click.echo(describe(report))
+    if not report.matches:
+        click.echo(f"error: the exported model differs from PyTorch by {report.max_abs_diff:.3g} (tolerance "
+                   f"{report.tolerance:.3g}); do not deploy {out}", err=True)
+        sys.exit(2)
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--per-class", is_flag=True, help="Add per-class IoU columns (mean over seeds).")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")
@@ -237,20 +344,35 @@ def list_cmd(kind):
         for name, params, description in rows:
             click.echo(f"{name:24s} {params:8.2f}M  {description}")
     elif kind == "methods":
-        from da_seg.methods import METHODS
+        import inspect
+
+        from da_seg.methods import METHODS, method_options
 
         for name, cls in METHODS.items():
-            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            click.echo(f"{name:20s} {doc}")
+            click.echo(name + (f"  (stage {cls.stage} only)" if cls.stage else ""))
+            for line in (inspect.getdoc(cls) or "").splitlines():
+                click.echo(f"    {line}".rstrip())
+            options = method_options(cls)
+            click.echo(f"    [components.{name}] options:" if options else "    no options")
+            width = max((len(f"{o.name} = {_toml_value(o.default)}") for o in options), default=0)
+            for o in options:
+                assignment = f"{o.name} = {_toml_value(o.default)}"
+                click.echo(f"      {assignment:{width}s}  # {o.type}" + (f"; {o.comment}" if o.comment else ""))
+            click.echo("")
     elif kind == "domains":
         from da_seg.data.domains import available_domains
 
         for name, path in sorted(available_domains().items()):
             click.echo(f"{name:24s} {path}")
     else:
-        root = Path.cwd() / "recipes"
-        for path in sorted(root.rglob("*.toml")):
-            click.echo(str(path.relative_to(Path.cwd())))
+        from da_seg.utils.resources import shipped_recipes
+
+        # ./recipes first (yours, or the checkout's), then the shipped ones it does not shadow:
+        # every printed path is one `da-seg train` accepts from this directory.
+        local = Path("recipes")
+        names = {p.as_posix() for p in local.rglob("*.toml")} if local.is_dir() else set()
+        for name in sorted(names | set(shipped_recipes())):
+            click.echo(name)
 
 
 @main.command()
@@ -260,10 +382,11 @@ def check(recipes, overrides):
     """Check RECIPES without data or training: keys and values, stage, components and their
     options, and that the model and components build (random init, CPU). One line per recipe."""
     from da_seg.check import check_recipe
+    from da_seg.utils.resources import find_recipe
 
     failed = 0
     for path in recipes:
-        problem, note = check_recipe(Path(path), tuple(overrides))
+        problem, note = check_recipe(find_recipe(path), tuple(overrides))
         failed += problem is not None
         if problem and problem.startswith(f"{path}: "):  # the line already names the file
             problem = problem[len(path) + 2:]

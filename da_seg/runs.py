@@ -75,9 +75,18 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
     """Train one recipe (one seed). ``resume``: a run folder, or "auto" for this recipe+seed's latest.
     ``val_domains``: what to score (default: the recipe's; a translator stage scores nothing).
     ``allow_changes``: recipe keys a resume may change (recorded in the run's metrics.json).
+    Returns the run's metrics (:func:`train_in_folder` also returns its folder).
 
     Under torchrun every rank calls this; rank 0 picks the run folder and tells the others.
     """
+    return train_in_folder(recipe, runs_root, resume=resume, device=device, progress=progress,
+                           val_domains=val_domains, allow_changes=allow_changes)[1]
+
+
+def train_in_folder(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, device: str = "auto",
+                    progress: bool = True, val_domains: Sequence[str] | None = None,
+                    allow_changes: Sequence[str] = ()) -> tuple[Path, dict[str, Any]]:
+    """:func:`train`, returning (run folder, metrics)."""
     from da_seg.engine.logging import run_log_file
     from da_seg.engine.trainer import Trainer, pick_device
 
@@ -91,7 +100,7 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
             resuming = run_dir is not None and run_status(run_dir) == "resumable"
             if run_dir is not None and not resuming:
                 print(f"{run_dir} is already finished; nothing to resume")
-                return json.loads((run_dir / "metrics.json").read_text())
+                return run_dir, json.loads((run_dir / "metrics.json").read_text())
         elif resume:
             run_dir = Path(resume)
             if not (run_dir / "last.pt").exists():
@@ -110,7 +119,7 @@ def train(recipe: Recipe, runs_root: Path, *, resume: Path | str | None = None, 
             started = True
             if dist.is_main:
                 print(("resuming " if resuming else "run folder ") + str(run_dir))
-            return trainer.fit()
+            return run_dir, trainer.fit()
     finally:
         if not started:  # after run_log_file closed train.log
             remove_new_folders(made)

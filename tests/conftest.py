@@ -130,3 +130,17 @@ def write_recipe(tmp_path, tiny_domains):
         path.write_text(tiny_recipe_text(tiny_domains, components, iters, extra, stage))
         return path
     return _write
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_domains, tmp_path_factory) -> Path:
+    """last.pt of a 2-iteration run of the tiny recipe (deeplab_small, 3 classes)."""
+    from da_seg.runs import train
+    from da_seg.stages import load
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    recipe = tmp / "tiny.toml"
+    recipe.write_text(tiny_recipe_text(tiny_domains, iters=2, extra="eval_every = 2\ncheckpoint_every = 2"))
+    train(load(recipe), tmp / "runs", device="cpu", progress=False)
+    (last,) = (tmp / "runs").rglob("last.pt")
+    return last

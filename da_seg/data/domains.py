@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from da_seg.data import png16
 from da_seg.data.classes import CLASS_PRESETS
+from da_seg.utils.resources import shipped_dir
 
 IGNORE_INDEX = 255
 _UNKNOWN = 256  # marks raw values that are neither mapped nor ignored, before the policy applies
@@ -375,12 +376,13 @@ def missing_root_message(domain: Domain) -> str:
 
 
 def descriptor_dirs() -> list[Path]:
-    """Where domain names are looked up, in order."""
-    import da_seg
-
+    """Where domain names are looked up, in order: $DA_SEG_DATASETS, ./datasets, then the
+    descriptors da_seg ships (the checkout's ``datasets/``, or the installed package's copy)."""
     dirs = [Path(p).expanduser() for p in os.environ.get("DA_SEG_DATASETS", "").split(os.pathsep) if p]
     dirs.append(Path.cwd() / "datasets")
-    dirs.append(Path(da_seg.__file__).resolve().parents[1] / "datasets")
+    shipped = shipped_dir("datasets")
+    if shipped is not None:
+        dirs.append(shipped)
     return dirs
 
 

@@ -1,6 +1,9 @@
 """Method registry: every component a recipe can list under [components.<name>]."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from typing import Any
 
 from da_seg.config import ConfigError, Recipe, UnknownNameError
@@ -70,3 +73,40 @@ def build_components(table: dict[str, dict[str, Any]], setup: ComponentSetup,
         except ConfigError as err:  # what only the built model can tell (missing DG blocks ...)
             raise ConfigError(f"{source}: {err}") from None
     return components
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """One field of a method's options: name, type (as written), default ("required" when it has
+    none) and the comment beside it in the source (what the value means, where it comes from)."""
+
+    name: str
+    type: str
+    default: Any
+    comment: str = ""
+
+
+_TRAILING_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$")
+
+
+def method_options(cls: type[Component]) -> list[OptionInfo]:
+    """The recipe keys of ``[components.<name>]`` for ``cls``, from its ``Options`` dataclass."""
+    options_cls = cls.Options
+    if not dataclasses.is_dataclass(options_cls):
+        return []
+    try:
+        comments = {m.group(1): m.group(2).strip() for line in inspect.getsource(options_cls).splitlines()
+                    if (m := _TRAILING_COMMENT.match(line))}
+    except (OSError, TypeError):  # no source (a frozen application): names and defaults still tell
+        comments = {}
+    infos = []
+    for f in dataclasses.fields(options_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        infos.append(OptionInfo(f.name, kind, default, comments.get(f.name, "")))
+    return infos

@@ -68,16 +68,6 @@ def entropy_loss(prob: Tensor, *, robust_eta: float = 0.0, class_balance: bool =
     return (sums / counts.clamp_min(1)).sum() / present.sum()
 
 
-
-
-
-
-
-
-
-
-
-
 def entropy_visual(ctx: StepContext) -> dict[str, Tensor]:
     """The first target image of the last step and its entropy map, side by side: uint8 (3, H, 2W).
 

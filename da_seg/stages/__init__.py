@@ -5,6 +5,7 @@ a new multi-step method is a new entry here (plus its components), with no edit 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from da_seg.stages.base import parse_stage_options
 from da_seg.stages.self_train import SelfTrainStage
 from da_seg.stages.train import TrainStage
 from da_seg.stages.translate import TranslateStage
+from da_seg.utils.progress import RunsClock, format_duration
 
 STAGES = {
     TrainStage.name: TrainStage,
@@ -32,9 +34,14 @@ def stage_of(recipe: Recipe, source: str | None = None):
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe and check everything that can be checked without data or networks: its keys
     and values, its stage and the stage's table, every component's name and options."""
-    recipe = load_recipe(path, tuple(overrides))
-    parse_stage_options(stage_of(recipe, str(path)), recipe, str(path))
-    validate(recipe, str(path))
+    return validated(load_recipe(path, tuple(overrides)), str(path))
+
+
+def validated(recipe: Recipe, source: str | None = None) -> Recipe:
+    """``recipe`` itself once its stage, the stage's table and its components are checked (what
+    :func:`load` checks beyond the keys and values, for a recipe built in Python)."""
+    parse_stage_options(stage_of(recipe, source), recipe, source)
+    validate(recipe, source)
     return recipe
 
 
@@ -42,17 +49,36 @@ def sweep(recipe_paths: Sequence[Path], seeds: int, runs_root: Path, *, override
           device: str = "auto", progress: bool = True) -> list[Path]:
     """Every recipe over seeds 0..seeds-1, one after another, each by its stage; finished work is
     skipped and interrupted work resumed, so re-running a sweep after a crash completes it.
-    Returns the result folders (``metrics.json``) for ``da-seg compare``."""
-    done = []
+    Prints "run k of n" before each run, with the time left estimated from the runs that trained
+    so far. Returns the result folders (``metrics.json``) for ``da-seg compare``."""
+    jobs = []  # (recipe file, stage, overrides, label): every recipe is checked before anything trains
     for path in recipe_paths:
         recipe = load(path, overrides)
         stage = stage_of(recipe)
         if not stage.per_seed:
             # Once, at the recipe's own seed (a translated domain serves every seed trained on it).
-            done.append(stage.run(path, overrides=tuple(overrides), runs_root=runs_root, device=device,
-                                  progress=progress, label=f"{recipe.name} (once, seed {recipe.train.seed})"))
-            continue
-        for seed in range(seeds):
-            done.append(stage.run(path, overrides=(*overrides, f"train.seed={seed}"), runs_root=runs_root,
-                                  device=device, progress=progress, label=f"{recipe.name} seed {seed}"))
+            jobs.append((path, stage, tuple(overrides), f"{recipe.name} (once, seed {recipe.train.seed})"))
+        else:
+            jobs += [(path, stage, (*overrides, f"train.seed={seed}"), f"{recipe.name} seed {seed}")
+                     for seed in range(seeds)]
+    clock = RunsClock(len(jobs))
+    done = []
+    for k, (path, stage, job_overrides, label) in enumerate(jobs, start=1):
+        print(f"[sweep] run {k} of {len(jobs)}: {label} (elapsed {format_duration(clock.elapsed_s())}, "
+              f"ETA {format_duration(clock.remaining_s())})", flush=True)
+        started, wall = time.perf_counter(), time.time()
+        folder = stage.run(path, overrides=job_overrides, runs_root=runs_root, device=device, progress=progress,
+                           label=label)
+        clock.finished(time.perf_counter() - started, did_work=_written_since(Path(folder) / "metrics.json", wall))
+        done.append(folder)
+    print(f"[sweep] {len(jobs)} runs in {format_duration(clock.elapsed_s())}", flush=True)
     return done
+
+
+def _written_since(path: Path, wall_time: float) -> bool:
+    # A stage that found its result already there returns it untouched; one that trained wrote it
+    # (on a file system with 1-2 s timestamps, a run shorter than that may go uncounted: harmless).
+    try:
+        return path.stat().st_mtime >= wall_time
+    except FileNotFoundError:
+        return True

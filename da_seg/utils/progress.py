@@ -1,4 +1,5 @@
-"""The console progress line: iteration, rate, ETA and the latest values."""
+"""The console progress line (iteration, rate, ETA and the latest values), and the ETA of a
+sequence of runs."""
 from __future__ import annotations
 
 import math
@@ -47,7 +48,7 @@ class Progress:
         filled = int(width * self.count / max(self.total, 1))
         values = " ".join(f"{k}={v:.4g}" for k, v in self.info.items())
         return (f"{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.count}/{self.total} "
-                f"{rate:.2f} it/s ETA {_fmt_time(eta)} {values}")
+                f"{rate:.2f} it/s ETA {format_duration(eta)} {values}")
 
     def close(self) -> None:
         if self.enabled:
@@ -57,7 +58,33 @@ class Progress:
                 self.stream.flush()
 
 
-def _fmt_time(seconds: float) -> str:
+class RunsClock:
+    """Time left in a sequence of ``total`` jobs (a sweep's runs): the mean duration of the jobs
+    that did work so far, times the jobs left. Jobs that found their result already there (a
+    finished run skipped in seconds) are not counted in the mean, which they would pull down."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.durations: list[float] = []
+        self.t0 = time.perf_counter()
+
+    def finished(self, seconds: float, did_work: bool = True) -> None:
+        self.done += 1
+        if did_work:
+            self.durations.append(seconds)
+
+    def remaining_s(self) -> float:
+        """inf until a job that did work has finished."""
+        if not self.durations:
+            return float("inf")
+        return sum(self.durations) / len(self.durations) * (self.total - self.done)
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def format_duration(seconds: float) -> str:
+    """h:mm:ss or m:ss; "?" for an unknown (infinite) duration."""
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
