@@ -310,7 +310,7 @@ def check_same_model(recipe: Recipe, checkpoint: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (attached to the CLI as `da-seg self-train`)
+# The stage
 
 class SelfTrainStage:
     """Rounds of pseudo-labels and training, one set per seed (the warm-up model has the seed)."""
@@ -328,6 +328,9 @@ class SelfTrainStage:
         run_rounds(recipe_path, runs_root=runs_root, overrides=overrides, device=device, progress=progress, **options)
         return selftrain_dir(Path(runs_root).absolute(), load_recipe(recipe_path, tuple(overrides)))
 
+
+# ---------------------------------------------------------------------------------------------
+# Command line (attached to the CLI as `da-seg self-train`)
 
 @click.command("self-train")
 @click.argument("recipe", type=click.Path(dir_okay=False))
