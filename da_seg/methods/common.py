@@ -118,6 +118,20 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _batchnorm_eval(module: nn.Module, inputs) -> None:
+    module.training = False
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> list:
+    """Every BatchNorm of ``model`` normalizes with its running statistics and stops updating
+    them, whatever ``model.train()`` says (its scale and shift still train): a forward pre-hook
+    puts the layer in eval mode before each call, so it holds however often the trainer switches
+    the model to training mode, and whichever component runs the model first in a step.
+    Returns the hook handles (``handle.remove()`` undoes it)."""
+    return [m.register_forward_pre_hook(_batchnorm_eval) for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Domain generalization blocks (SAN-SAW, ISW)
 
