@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,8 +267,8 @@ def test_warm_start_stage_trains_the_abn_model_then_sac_from_it(write_recipe, un
 
     abn = write_recipe("[components.source_ce]\n[components.target_bn]\n", iters=3, name="abn.toml")
     abn.write_text(abn.read_text().replace('name = "tiny"', 'name = "abn"'))
-    sac = write_recipe(SAC + '[warm_start]\nwarmup_recipe = "abn.toml"\n', iters=3, name="sac.toml",
-                       stage="warm_start")
+    sac = write_recipe(SAC + '[warm_start]\nwarmup_recipe = "abn.toml"\nimportance_sampling = true\n', iters=3,
+                       name="sac.toml", stage="warm_start")
     sac.write_text(sac.read_text().replace('name = "tiny"', 'name = "sac"'))
     assert "warm_start" in STAGES
     runs = tmp_path / "runs"
@@ -278,7 +279,36 @@ def test_warm_start_stage_trains_the_abn_model_then_sac_from_it(write_recipe, un
     (abn_last,) = (runs / "tiny_src_to_tiny_tgt" / "abn").rglob("last.pt")
     resolved = load_recipe(folder / "recipe.toml")
     assert resolved.stage == "train" and resolved.model.init_checkpoint == str(abn_last)
+    # importance sampling: the ABN model's predicted class counts of the 12 target train images
+    counts = json.loads((abn_last.parent / "target_class_counts.json").read_text())
+    assert resolved.data.target_sample_weights == str(abn_last.parent / "target_class_counts.json")
+    assert resolved.data.target_uniform_prior == 0.25 and len(counts["names"]) == 12
+    assert all(sum(c) == 32 * 48 for c in counts["pixel_counts"])
     # a second sweep finds both runs finished and trains nothing
     mtime = (folder / "metrics.json").stat().st_mtime
     (again,) = sweep([sac], 1, runs, overrides=overrides, progress=False)
     assert again == folder and (folder / "metrics.json").stat().st_mtime == mtime
+
+
+def test_importance_distributions_and_sampler_follow_the_formula(tmp_path):
+    from da_seg.data.importance import ImportanceSampler, importance_distributions, read_counts, write_counts
+
+    counts = np.array([[10, 0, 0], [5, 5, 0], [0, 15, 0], [5, 0, 0]])   # class 2 predicted nowhere
+    dist = importance_distributions(counts, 0.25)
+    assert dist.shape == (3, 4) and np.allclose(dist.sum(1), 1.0)
+    assert np.allclose(dist[0], 0.25 / 4 + 0.75 * np.array([10, 5, 0, 5]) / 20)
+    assert np.allclose(dist[1], 0.25 / 4 + 0.75 * np.array([0, 5, 15, 0]) / 20)
+    assert np.allclose(dist[2], 0.25)                                  # no prediction: uniform
+    sampler = ImportanceSampler(counts, prior=0.25, seed=3)
+    it = iter(sampler)
+    drawn = np.bincount([next(it) for _ in range(20000)], minlength=4) / 20000
+    assert np.allclose(drawn, dist.mean(0), atol=0.015)               # a class drawn uniformly, then an image
+    # resumable: a sampler started at position k yields what the first one yielded from k on
+    again = iter(ImportanceSampler(counts, prior=0.25, seed=3, state=5000))
+    first = iter(ImportanceSampler(counts, prior=0.25, seed=3))
+    stream = [next(first) for _ in range(5100)]
+    assert [next(again) for _ in range(100)] == stream[5000:]
+    write_counts(tmp_path / "c.json", ["a", "b", "c", "d"], counts, "x.pt")
+    assert np.array_equal(read_counts(tmp_path / "c.json", ["a", "b", "c", "d"]), counts)
+    with pytest.raises(Exception, match="lists other images"):
+        read_counts(tmp_path / "c.json", ["a", "b"])
