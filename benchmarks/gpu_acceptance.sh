@@ -50,7 +50,7 @@ if [ "$TINY" = 1 ]; then
   DAFORMER_ARGS=(--random-init --source-size 48x64 --target-size 48x64 --images 2 --warmup 1 --steps 2
                  --set 'model.name="segformer_b0"' --set 'augment.source.crop=[32, 32]'
                  --set 'augment.target.crop=[32, 32]' --set components.mean_teacher.feature_distance_weight=0.0
-                 --set data.num_workers=0 --eval-size 64x128 --eval-crop 32x64 --eval-iters 1)
+                 --set data.num_workers=0 --set data.rare_class_min_pixels=16 --eval-size 64x128 --eval-crop 32x64 --eval-iters 1)
   OFFICIAL_ARGS=(--source-size 32x64 --target-size 32x64 --warmup 1 --steps 1 --rounds 1)
   COMPILE=0
 else

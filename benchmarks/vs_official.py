@@ -97,6 +97,21 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
+def _children_pss_mib() -> float:
+    """Proportional set size of this process's live children (loader workers), in MiB: their
+    shared library pages are split with this process instead of counted twice (Linux only)."""
+    total_kib = 0
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total_kib += int(line.split()[1])
+            except OSError:
+                continue
+    return total_kib / 1024
+
+
 def _trainable(*modules) -> int:
     return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
 
@@ -124,14 +139,21 @@ def _shims(device: torch.device):
 
 
 def _stub_missing(*names: str) -> None:
-    """Empty modules for imports the timed code never uses (tensorboardX's SummaryWriter)."""
+    """Empty modules for imports the timed code never uses (tensorboardX's SummaryWriter, the
+    plotting its dataset files import), where they are not installed."""
     for name in names:
         try:
             __import__(name)
         except ImportError:
-            module = types.ModuleType(name)
-            module.SummaryWriter = None
-            sys.modules[name] = module
+            parent = None
+            for depth, part in enumerate(name.split(".")):
+                full = ".".join(name.split(".")[:depth + 1])
+                module = sys.modules.get(full) or types.ModuleType(full)
+                module.SummaryWriter = None
+                sys.modules[full] = module
+                if parent is not None:
+                    setattr(parent, part, module)
+                parent = module
 
 
 class _Batches:
@@ -190,7 +212,7 @@ def official_adaptsegnet(src: str, args) -> dict:
         torch.set_num_threads(args.threads)
     root = Path(src).resolve()
     sys.path.insert(0, str(root))
-    _stub_missing("tensorboardX")
+    _stub_missing("tensorboardX", "matplotlib.pyplot")
     device = torch.device(args.device)
     data = _inputs(args)
     steps = args.warmup + args.steps + 1
@@ -281,9 +303,11 @@ def da_seg_step(method: str, args) -> dict:
             clock.tick()
         else:
             trainer.next_batches()  # the last step's end, as the official side's next fetch
+        loaders_mib = _children_pss_mib()
         trainer.close_loaders()
         networks = [n for c in trainer.components for n in c.networks.values()]
-        return {"steps": clock.steps(), "peak_mib": _peak_mib(device), "params": _trainable(trainer.model, *networks)}
+        return {"steps": clock.steps(), "peak_mib": _peak_mib(device), "loaders_mib": loaders_mib,
+                "params": _trainable(trainer.model, *networks)}
 
 
 # ------------------------------------------------------------------ the comparison
@@ -298,8 +322,9 @@ def compare(args) -> dict:
             bucket["steps"].append(statistics.median(r["steps"]))
             bucket["peak"].append(r["peak_mib"])
             params[side] = r["params"]
+            loaders = f" + loader processes {r['loaders_mib']:.0f} MiB (PSS)" if r.get("loaders_mib") else ""
             print(f"  {side:8s} median {bucket['steps'][-1] * 1e3:9.1f} ms/step over {len(r['steps'])} steps, "
-                  f"min {min(r['steps']) * 1e3:.1f}, peak {r['peak_mib']:.0f} MiB", flush=True)
+                  f"min {min(r['steps']) * 1e3:.1f}, peak {r['peak_mib']:.0f} MiB{loaders}", flush=True)
     result = {
         "official_ms": statistics.median(official["steps"]) * 1e3, "da_seg_ms": statistics.median(ours["steps"]) * 1e3,
         "official_peak_mib": max(official["peak"]), "da_seg_peak_mib": max(ours["peak"]), "params": params,
