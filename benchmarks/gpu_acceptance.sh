@@ -44,10 +44,10 @@ ADVENT=recipes/gta5_to_cityscapes/advent_deeplabv2_r101.toml
 DAFORMER=recipes/gta5_to_cityscapes/daformer_segformer_b5.toml
 if [ "$TINY" = 1 ]; then
   # deeplab_small / segformer_b0 at 32x64: the same code paths in seconds on a CPU.
-  ADVENT_ARGS=(--random-init --source-size 32x64 --target-size 32x64 --images 2 --warmup 1 --steps 2
+  ADVENT_ARGS=(--random-init --source-size 32x64 --target-size 32x64 --images 2 --warmup 1 --steps 2 --same-process
                --set 'model.name="deeplab_small"' --set 'model.options={ multi_level = true, width = 8, aspp_channels = 16 }'
                --set components.advent.ndf=4 --eval-size 64x128 --eval-crop 32x64 --eval-iters 1)
-  DAFORMER_ARGS=(--random-init --source-size 48x64 --target-size 48x64 --images 2 --warmup 1 --steps 2
+  DAFORMER_ARGS=(--random-init --source-size 48x64 --target-size 48x64 --images 2 --warmup 1 --steps 2 --same-process
                  --set 'model.name="segformer_b0"' --set 'augment.source.crop=[32, 32]'
                  --set 'augment.target.crop=[32, 32]' --set components.mean_teacher.feature_distance_weight=0.0
                  --set data.num_workers=0 --set data.rare_class_min_pixels=16 --eval-size 64x128 --eval-crop 32x64 --eval-iters 1)

@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-crop", type=parse_size, default=(512, 1024))
     parser.add_argument("--eval-iters", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--same-process", action="store_true",
+                        help="measure in this process, not a fresh one per recipe (quick checks; peaks then add up)")
     args = parser.parse_args(argv)
 
     memory = "peak alloc MiB" if str(args.device).startswith("cuda") else "peak RSS MiB"
@@ -338,7 +340,10 @@ def main(argv: list[str] | None = None) -> None:
         # Evaluation cost depends on the model only: time it once per model.
         job_args = argparse.Namespace(**{**vars(args), "eval_size": None}) if model_name in evaluated_models else args
         evaluated_models.add(model_name)
-        r = in_fresh_process(measure, path, args.overrides, job_args)  # clean allocator, loaders, peaks
+        if args.same_process:
+            r = measure(path, args.overrides, job_args)
+        else:
+            r = in_fresh_process(measure, path, args.overrides, job_args)  # clean allocator, loaders, peaks
         print(f"| {Path(r['recipe']).stem} | {r['model']} | {r['batch']} | {r['step_ms']:.1f} | {r['bare_ms']:.1f} | "
               f"{r['ratio']:.3f} | {r['wait_ms']:.1f} | {r['data_ms']:.1f} | {r['images_per_s']:.1f} | {r['peak_mib']:.0f} | "
               f"{r['calls']} |", flush=True)
