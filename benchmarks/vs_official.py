@@ -97,15 +97,16 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def _children_pss_mib() -> float:
-    """Proportional set size of this process's live children (loader workers), in MiB: their
-    shared library pages are split with this process instead of counted twice (Linux only)."""
+def _children_private_mib() -> float:
+    """Private memory (USS: private clean + dirty pages) of this process's live children (loader
+    workers), in MiB: what they add to this process's RSS. Their shared pages (libraries, the
+    parent's forked heap) are already counted in the parent's RSS; PSS would count them again."""
     total_kib = 0
     for children in Path("/proc/self/task").glob("*/children"):
         for pid in children.read_text().split():
             try:
                 for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                    if line.startswith("Pss:"):
+                    if line.startswith(("Private_Clean:", "Private_Dirty:")):
                         total_kib += int(line.split()[1])
             except OSError:
                 continue
@@ -303,7 +304,7 @@ def da_seg_step(method: str, args) -> dict:
             clock.tick()
         else:
             trainer.next_batches()  # the last step's end, as the official side's next fetch
-        loaders_mib = _children_pss_mib()
+        loaders_mib = _children_private_mib()
         trainer.close_loaders()
         networks = [n for c in trainer.components for n in c.networks.values()]
         return {"steps": clock.steps(), "peak_mib": _peak_mib(device), "loaders_mib": loaders_mib,
@@ -322,7 +323,7 @@ def compare(args) -> dict:
             bucket["steps"].append(statistics.median(r["steps"]))
             bucket["peak"].append(r["peak_mib"])
             params[side] = r["params"]
-            loaders = f" + loader processes {r['loaders_mib']:.0f} MiB (PSS)" if r.get("loaders_mib") else ""
+            loaders = f" + loader processes {r['loaders_mib']:.0f} MiB (private)" if r.get("loaders_mib") else ""
             print(f"  {side:8s} median {bucket['steps'][-1] * 1e3:9.1f} ms/step over {len(r['steps'])} steps, "
                   f"min {min(r['steps']) * 1e3:.1f}, peak {r['peak_mib']:.0f} MiB{loaders}", flush=True)
     result = {
