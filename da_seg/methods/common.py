@@ -67,9 +67,12 @@ def level_suffix(level: str) -> str:
     return "" if level == "main" else f"_{level}"
 
 
-def softmax_at(logits: Tensor, size, align_corners: bool = False) -> Tensor:
-    """(N, C, h, w) logits -> (N, C, *size) float32 softmax of the bilinearly upsampled logits."""
-    return F.softmax(upsample_logits(logits.float(), tuple(size), align_corners), dim=1)
+def softmax_at(logits: Tensor, size, align_corners: bool = False, ctx=None) -> Tensor:
+    """(N, C, h, w) logits -> (N, C, *size) float32 softmax of the bilinearly upsampled logits;
+    with ``ctx`` (a StepContext) the upsampled logits are the step's shared ones."""
+    upsampled = ctx.upsampled(logits, size, align_corners) if ctx is not None else \
+        upsample_logits(logits.float(), tuple(size), align_corners)
+    return F.softmax(upsampled, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
