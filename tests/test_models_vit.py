@@ -180,3 +180,13 @@ def test_eva02_uses_clip_normalization_and_rotary_embeddings():
     model = small("eva02_vitb", depth=1)
     assert model.input_norm.mean[0] == pytest.approx(0.48145466)
     assert model.backbone.uses_rope and model.backbone.prefix == 1
+
+
+def test_bf16_autocast_runs_forward_and_backward():
+    model = small(rein={"tokens": 4, "rank": 2}).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 3, 30, 44))
+    assert out.features["decoder"].dtype == torch.bfloat16       # the network ran in bf16
+    assert out.logits.shape == (1, 3, 8, 11)                       # (autocast resamples them in float32)
+    out.logits.float().mean().backward()
+    assert model.rein.tokens_a.grad is not None and torch.isfinite(model.rein.tokens_a.grad).all()

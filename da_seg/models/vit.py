@@ -42,6 +42,7 @@ from da_seg.models.segmenter import InputNorm, Segmenter, SegmenterOutput
 log = logging.getLogger(__name__)
 
 PATCH = 14
+SIZE_LETTERS = {"s": "S", "b": "B", "l": "L", "g": "g"}   # DINOv2 writes the giant "ViT-g"
 BACKBONE_MODES = ("finetune", "frozen")
 
 
@@ -322,7 +323,7 @@ def _builder(name: str):
     kind = "DINOv2" if spec.family == "dinov2" else "EVA-02"
     registers = " with 4 registers" if name.endswith("_reg") else ""
     builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (f"{kind} ViT-{name.split('_')[1][3].upper()}/14"
+    builder.__doc__ = (f"{kind} ViT-{SIZE_LETTERS[name.split('_')[1][3]]}/14"
                        f"{registers} (timm {spec.timm_name}, {spec.published} published) + light multi-level "
                        f"decoder, logits at 1/4.")
     return builder
