@@ -160,3 +160,46 @@ def test_a_deeper_file_loads_into_a_depth_reduced_model_and_reports_the_rest(tmp
         loaded = build_model("dinov2_vits14", 3, depth=2, decoder_dim=8, pretrained=str(path))
     assert torch.equal(loaded.backbone.vit.blocks[1].attn.qkv.weight, source.backbone.vit.blocks[1].attn.qkv.weight)
     assert "unexpected: backbone.vit.blocks.2." in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_dinov2_position_resampling_is_dinovs_not_timms():
+    from timm.layers import resample_abs_pos_embed
+
+    from da_seg.models.vit import resample_dinov2_pos
+
+    pos = torch.randn(1, 37 * 37, 8)
+    assert resample_dinov2_pos(pos, 37, 37) is pos
+    ours = resample_dinov2_pos(pos, 19, 51)
+    square = pos.reshape(1, 37, 37, 8).permute(0, 3, 1, 2)
+    official = torch.nn.functional.interpolate(square, scale_factor=(19.1 / 37, 51.1 / 37), mode="bicubic",
+                                               antialias=False).permute(0, 2, 3, 1).reshape(1, 19 * 51, 8)
+    assert torch.equal(ours, official)
+    timm = resample_abs_pos_embed(pos, new_size=(19, 51), old_size=(37, 37), num_prefix_tokens=0)
+    assert not torch.allclose(ours, timm, atol=1e-2)                # antialiased: a different embedding
+
+
+@pytest.mark.parametrize("registers, name", [(0, "dinov2_vits14"), (4, "dinov2_vits14_reg")])
+def test_equal_to_the_official_dinov2_code_when_it_is_importable(registers, name, tmp_path):
+    """Runs where facebookresearch/dinov2's ``dinov2`` package is on the path (not a dependency)."""
+    official = pytest.importorskip("dinov2.models.vision_transformer")
+    from functools import partial
+
+    from dinov2.layers import MemEffAttention, NestedTensorBlock
+
+    torch.manual_seed(0)
+    reference = official.DinoVisionTransformer(
+        patch_size=14, img_size=518, embed_dim=384, depth=2, num_heads=6, init_values=1.0, block_chunks=0,
+        block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention), num_register_tokens=registers,
+        interpolate_offset=0.1, interpolate_antialias=False).eval()       # the hub models' settings
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path / "official.pth"
+    torch.save(reference.state_dict(), path)
+    ours = build_model(name, 3, depth=2, decoder_dim=8, pretrained=str(path)).eval()
+    for size in ((518, 518), (266, 266), (280, 714)):
+        x = torch.rand(1, 3, *size)
+        with torch.no_grad():
+            expected = reference.get_intermediate_layers(ours.input_norm.apply(x), n=[0, 1], norm=False, reshape=True)
+            features = ours(x).features
+        assert all(torch.equal(e, features[f"block{i}"]) for i, e in enumerate(expected))

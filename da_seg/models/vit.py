@@ -3,10 +3,10 @@
 Encoder: ``timm``'s own definitions (``vit_{small,base,large,giant}_patch14_dinov2``, their
 ``_reg4_`` variants with 4 register tokens, ``eva02_{base,large}_patch14_224``), built with
 ``pretrained=False`` (nothing is downloaded; weights come from files, ``models/vit_weights.py``)
-and ``dynamic_img_size=True``: position embeddings are resampled (bicubic, timm's
-``resample_abs_pos_embed``) to any token grid, EVA-02's rotary embeddings are recomputed for it.
-DINOv2's own code resamples bicubically without antialiasing; timm antialiases, which only
-differs when the grid is smaller than the pretraining grid (37 x 37 tokens = 518 px for DINOv2).
+and ``dynamic_img_size=True``. DINOv2's position embeddings are resampled to the token grid as the
+official ``interpolate_pos_encoding`` does (``resample_dinov2_pos``; timm's own resampling
+antialiases and uses the exact size, which changed features by ~10% at a 19 x 19 grid); EVA-02's
+(timm ``_pos_embed``) are resampled by timm and its rotary embeddings recomputed for the grid.
 
 Any input size: images are padded (bottom / right, zeros after normalization = the mean colour)
 to a multiple of 14; the logits are then resampled at exact stride-4 positions of the *unpadded*
@@ -97,6 +97,18 @@ def build_timm_vit(timm_name: str, depth: int | None = None, drop_path: float = 
     return vit
 
 
+def resample_dinov2_pos(pos: Tensor, h: int, w: int) -> Tensor:
+    """(1, G*G, D) patch position embeddings -> (1, h*w, D), DINOv2's way (unchanged at G x G)."""
+    grid = math.isqrt(pos.shape[1])
+    if (h, w) == (grid, grid):
+        return pos
+    dim = pos.shape[-1]
+    square = pos.float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic",
+                            antialias=False)
+    return resized.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos.dtype)
+
+
 class ViTEncoder(nn.Module):
     """Runs a timm ViT block by block. (N, 3, H, W), H and W multiples of 14 ->
     {"block<i>": (N, D, H/14, W/14) for i in ``out_blocks``}; ``rein`` refines the patch tokens
@@ -121,8 +133,25 @@ class ViTEncoder(nn.Module):
             x, rope = self.vit._pos_embed(x)
             extra["rope"] = rope
         else:
-            x = self.vit.patch_drop(self.vit._pos_embed(x))
+            x = self.vit.patch_drop(self.vit.pos_drop(self._dinov2_pos_embed(x)))
         return self.vit.norm_pre(x), extra
+
+    def _dinov2_pos_embed(self, x: Tensor) -> Tensor:
+        """(N, h, w, D) patches -> (N, prefix + h*w, D) with position embeddings resampled as
+        DINOv2 does (``interpolate_pos_encoding``: bicubic, scale factor (h + 0.1) / 37, no
+        antialiasing; the hub models' interpolate_offset 0.1, interpolate_antialias False), so the
+        features equal the official model's at every grid, not only at 37 x 37."""
+        vit = self.vit
+        n, h, w, dim = x.shape
+        x = x.reshape(n, h * w, dim)
+        class_pos = 0 if vit.no_embed_class else 1            # timm's _reg4 layout: no class entry
+        patch_pos = resample_dinov2_pos(vit.pos_embed[:, class_pos:], h, w)
+        prefix = [vit.cls_token.expand(n, -1, -1)]
+        if vit.reg_token is not None:
+            prefix.append(vit.reg_token.expand(n, -1, -1))
+        if class_pos:
+            prefix[0] = prefix[0] + vit.pos_embed[:, :1]
+        return torch.cat(prefix + [x + patch_pos], dim=1)
 
     def forward(self, x: Tensor, rein: Rein | None = None) -> dict[str, Tensor]:
         n, _, height, width = x.shape
