@@ -152,7 +152,7 @@ def test_runs_folder_that_cannot_be_made_is_one_line_and_leaves_nothing(write_re
     blocker.write_text("not a folder")
     code, lines = fails("train", recipe, "--runs", blocker / "runs", "--no-progress")
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"error: cannot write the run folder {blocker / 'runs' / 'tiny_src_to_tiny_tgt'}")
+    assert lines[0].startswith(f"error: cannot write the run folder {blocker / 'runs' / 'tiny'}")
     assert lines[0].endswith(": a part of the path is a file, not a folder")
     # A read-only runs folder, as the file system reports it (monkeypatched: root could write anyway).
     runs = tmp_path / "runs"
