@@ -35,6 +35,11 @@ def _seeds(ctx, param, value: int) -> int:
     return value
 
 
+def _trackers(ctx, param, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``--tracker`` names as the one ``--set train.trackers=[...]`` they stand for (none: no override)."""
+    return (f"train.trackers={json.dumps(list(names))}",) if names else ()
+
+
 def _toml_value(value) -> str:
     """How a default is written in a recipe: true, 0.001, "bce", [1, 2]."""
     if isinstance(value, bool):
@@ -91,9 +96,12 @@ def main() -> None:
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, callback=check_device, help="auto | cpu | cuda | cuda:N")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_progress):
+@click.option("--tracker", "trackers", multiple=True, callback=_trackers, metavar="NAME",
+              help="Shortcut for --set train.trackers=[...]: tensorboard, mlflow, wandb (repeatable).")
+def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_progress, trackers):
     """Train RECIPE (a TOML file) by its stage: one run, or a translate / self-training stage.
     Multi-GPU: torchrun --nproc_per_node=N -m da_seg train ..."""
+    overrides = (*overrides, *trackers)
     from da_seg.runs import train as train_run
     from da_seg.stages import load, stage_of
     from da_seg.utils.resources import find_recipe
@@ -129,14 +137,40 @@ def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_
 @click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")
 @click.option("--no-progress", is_flag=True)
-def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
-    """Run RECIPES over seeds one after another (resuming interrupted runs), then compare them."""
+@click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: on this machine; slurm: every recipe x seed a Slurm job (submitit, extra [slurm]).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="local: runs at once, each in its own process on its own GPU (GPU k mod count).")
+@click.option("--gpus-per-job", default=1, show_default=True, type=click.IntRange(min=0),
+              help="slurm: GPUs (= tasks) per node of each job; more than 1 makes it a multi-GPU run.")
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="slurm: nodes per job.")
+@click.option("--partition", default="", help="slurm: the partition.")
+@click.option("--timeout-min", default=24 * 60, show_default=True, type=click.IntRange(min=1),
+              help="slurm: time limit of each job, minutes.")
+@click.option("--slurm-option", "slurm_extra", multiple=True, metavar="KEY=VALUE",
+              help="slurm: another submitit parameter, e.g. slurm_account=abc, mem_gb=64.")
+@click.option("--tracker", "trackers", multiple=True, callback=_trackers, metavar="NAME",
+              help="Shortcut for --set train.trackers=[...]: tensorboard, mlflow, wandb (repeatable).")
+def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress, launcher, jobs, gpus_per_job, nodes,
+          partition, timeout_min, slurm_extra, trackers):
+    """Run RECIPES over seeds (skipping finished runs, resuming interrupted ones), then compare them:
+    one after another here, several at once (--jobs N), or as Slurm jobs (--launcher slurm)."""
+    from da_seg.config import parse_value
     from da_seg.engine.compare import collect_runs, compare_table
     from da_seg.stages import sweep as run_sweep
+    from da_seg.stages.launch import SlurmOptions
     from da_seg.utils.resources import find_recipe
 
-    run_dirs = run_sweep([find_recipe(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
-                         device=device, progress=not no_progress)
+    extra = {}
+    for item in slurm_extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--slurm-option")
+        extra[key.strip()] = parse_value(value.strip())
+    slurm = SlurmOptions(partition=partition, timeout_min=timeout_min, gpus_per_job=gpus_per_job, nodes=nodes,
+                         extra=extra)
+    run_dirs = run_sweep([find_recipe(r) for r in recipes], seeds, Path(runs_root), overrides=(*overrides, *trackers),
+                         device=device, progress=not no_progress, launcher=launcher, jobs=jobs, slurm=slurm)
     click.echo(compare_table(collect_runs(run_dirs), fmt=fmt))
 
 
