@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from da_seg.config import recipe_identity
 from da_seg.utils.files import storage_error, write_json_atomic
@@ -92,8 +93,6 @@ class TensorBoardWriter:
     print as 5 significant digits, 8 -> "8.0000"), the identifying hparams first."""
 
     def __init__(self, run_dir: Path, **_names):
-        from torch.utils.tensorboard import SummaryWriter
-
         try:  # the writer creates the folder and opens its events file at once
             self.writer = SummaryWriter(str(run_dir))
         except OSError as err:
