@@ -52,11 +52,6 @@ class RunLogger:
         return cls(run_dir, enabled=enabled, trackers=recipe.train.trackers,
                    run_name=f"{recipe.name} seed {recipe.train.seed}", group=recipe.name, experiment=recipe.pair)
 
-    @property
-    def writer(self):
-        """The TensorBoard ``SummaryWriter`` (None without one)."""
-        return next((w.writer for w in self.writers if isinstance(w, TensorBoardWriter)), None)
-
     def scalars(self, values: dict[str, float], step: int) -> None:
         finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
         if finite:
