@@ -32,7 +32,7 @@ from da_seg.data.pseudo_labels import check_pseudo_labelled
 from da_seg.engine import checkpoint as ckpt
 from da_seg.engine.batches import training_streams
 from da_seg.engine.evaluate import Evaluator
-from da_seg.engine.logging import LossMeter, NonFiniteLossError, RunLogger, mark_failed, run_metrics, write_hparams
+from da_seg.engine.logging import LossMeter, NonFiniteLossError, RunLogger, finish_run_log, mark_failed, run_metrics
 from da_seg.methods import build_components
 from da_seg.methods.base import Component, ComponentSetup, StepContext, loss_groups
 from da_seg.models import build_model
@@ -191,7 +191,7 @@ class Trainer:
         self.resume_changes: list[dict] = []
         if resume:
             self._resume(tuple(allow_changes))
-        self.logger = RunLogger(self.run_dir, enabled=self.is_main)
+        self.logger = RunLogger.for_recipe(self.run_dir, recipe, enabled=self.is_main)
         self.evaluator = Evaluator(recipe, source=self.source_domain, target=self.target_domain,
                                    val_domains=val_domains, device=self.device, amp_dtype=self.amp_dtype,
                                    logger=self.logger, dist=self.dist, progress=progress and self.is_main)
@@ -350,6 +350,8 @@ class Trainer:
                 elif is_ckpt:
                     self.save()
             bar.close()
+            self.status = "finished"
+            metrics = finish_run_log(self.logger, recipe, self.write_metrics())  # before the writers close
         except NonFiniteLossError as err:
             self.status = "failed: non-finite loss"
             if self.is_main and self.run_dir is not None:
@@ -360,14 +362,9 @@ class Trainer:
                 f"change named: da-seg train RECIPE --resume {self.run_dir} --set optim.lr=... "
                 "--allow-change optim.lr (the change is recorded in its metrics.json).") from None
         finally:
-            self.logger.close()
+            self.logger.close(self.status)
             self.close_loaders()
-        if self.is_main and self.run_dir is not None:
-            write_hparams(self.run_dir, recipe, {
-                "hparam/last_mIoU": ev.primary(self.evaluations[-1]) or float("nan"),
-                "hparam/best_mIoU": ev.primary(self.best) if self.best else float("nan")})
-        self.status = "finished"
-        return self.write_metrics()
+        return metrics
 
     def close_loaders(self) -> None:
         for stream in (self.source_stream, self.target_stream):
