@@ -276,7 +276,7 @@ def test_warm_start_stage_trains_the_abn_model_then_sac_from_it(write_recipe, un
     (folder,) = sweep([sac], 1, runs, overrides=overrides, progress=False)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["finished"] and metrics["recipe"] == "sac" and metrics["last"] is not None
-    (abn_last,) = (runs / "tiny_src_to_tiny_tgt" / "abn").rglob("last.pt")
+    (abn_last,) = (runs / "abn" / "tiny_src_to_tiny_tgt").rglob("last.pt")
     resolved = load_recipe(folder / "recipe.toml")
     assert resolved.stage == "train" and resolved.model.init_checkpoint == str(abn_last)
     # importance sampling: the ABN model's predicted class counts of the 12 target train images
