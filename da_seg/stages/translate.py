@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from da_seg.config import ConfigError, Recipe
-from da_seg.data.domains import Domain, load_domain, resolve_root
+from da_seg.data.domains import Domain, DomainError, load_domain, resolve_root
 from da_seg.data.loaders import OwnErrors
 from da_seg.engine.checkpoint import load_checkpoint
 from da_seg.engine.trainer import amp_dtype_for, pick_device
@@ -172,10 +172,25 @@ def translated_descriptor(name: str, source: Domain, splits: Sequence[str], fold
     }
     if "label" in raw:
         descriptor["label"] = raw["label"]
-    if source.generator:  # made from generated files: checked against their generator like them
+    if source.generator and _stamp_reaches(source.generator, folder):
+        # Made from generated files: checked against their generator like them. A folder outside
+        # the generator's tree (a stage's run folder) cannot be: its source was checked when the
+        # translator trained on it.
         descriptor["generator"] = source.generator
     descriptor["splits"] = tables
     return descriptor
+
+
+def _stamp_reaches(generator: str, folder: Path) -> bool:
+    """Whether ``folder`` lies where the generator's check finds its stamp."""
+    from da_seg.data.generated import GENERATORS
+    from da_seg.data.synthetic import SyntheticDataError
+
+    try:
+        GENERATORS[generator](folder)
+    except (DomainError, SyntheticDataError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
