@@ -258,3 +258,18 @@ def test_dual_path_sweep_runs_every_step_resumes_after_a_kill_and_eval_scores_th
     before = sorted(runs.rglob("last.pt"))
     assert sweep([dpl], seeds=1, runs_root=runs, overrides=overrides, progress=False) == [seed_dir]
     assert sorted(runs.rglob("last.pt")) == before
+
+
+def test_a_translation_keeps_the_generator_stamp_only_where_its_check_can_find_it(tiny_domains, tmp_path):
+    from da_seg.data.synthetic import SYNTHETIC_VERSION, STAMP_FILE
+    from da_seg.stages.translate import translated_descriptor
+
+    descriptor = tmp_path / "tiny_src.toml"
+    descriptor.write_text('generator = "synthetic"\n' + tiny_domains["source"].read_text())
+    source = load_domain(descriptor)
+    generated = tmp_path / "data"
+    (generated / "streets" / "translated").mkdir(parents=True)
+    (generated / STAMP_FILE).write_text(json.dumps({"version": SYNTHETIC_VERSION, "benchmarks": {"streets": {}}}))
+    beside = translated_descriptor("t", source, ["train"], generated / "streets" / "translated", "")
+    elsewhere = translated_descriptor("t", source, ["train"], tmp_path / "runs" / "translated", "")
+    assert beside["generator"] == "synthetic" and "generator" not in elsewhere
