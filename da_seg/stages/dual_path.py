@@ -43,8 +43,10 @@ import torch
 from PIL import Image
 
 from da_seg.config import ConfigError, Recipe, load_recipe, recipe_from_dict, to_toml
+from da_seg.data.augment import to_float_images
 from da_seg.data.datasets import SegmentationDataset
 from da_seg.data.domains import load_domain
+from da_seg.data.loaders import eval_loader
 from da_seg.data.pseudo_labels import pseudo_domain_descriptor, write_label_png, write_marker
 from da_seg.engine.checkpoint import load_segmenter_checkpoint, restore_model, save_atomic
 from da_seg.engine.evaluate import evaluate
@@ -56,6 +58,7 @@ from da_seg.methods.dual_path import quantile_thresholds, select_labels
 from da_seg.models import build_model
 from da_seg.models.dual_path import IDENTITY_NORM, fuse_paths
 from da_seg.runs import train_or_resume
+from da_seg.stages.base import parse_stage_options
 from da_seg.stages.self_train import check_same_model
 from da_seg.stages.translate import generator_options, load_generator, run_translate
 from da_seg.utils.files import write_json_atomic, write_text_atomic
@@ -259,8 +262,6 @@ def label_round(checkpoints: tuple[Path, Path], recipe: Recipe, translated_targe
 
 
 def _float_image(item: dict[str, Any], device) -> torch.Tensor:
-    from da_seg.data.augment import to_float_images
-
     return to_float_images(item["image"][None].to(device))                         # (1, 3, H, W)
 
 
@@ -300,8 +301,6 @@ def evaluate_checkpoint(checkpoint: Path, recipe: Recipe, device: str) -> dict[s
     """{domain: metrics} of a segmenter checkpoint on the recipe's val domains."""
     dev = pick_device(device)
     model = restore_model(load_segmenter_checkpoint(checkpoint), dev).eval()
-    from da_seg.data.loaders import eval_loader
-
     domains = {}
     for name in recipe.val_domains:
         domain = load_domain(name)
@@ -320,8 +319,6 @@ def run_dual_path(recipe_path: str | Path, *, overrides: Sequence[str] = (), run
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, tuple(overrides))
     validate(recipe)
-    from da_seg.stages.base import parse_stage_options
-
     options = parse_stage_options(DualPathStage, recipe)
     if PseudoLabelCE.name not in recipe.components:
         raise ConfigError(f"recipe {recipe.name!r}: a dual_path round trains on pseudo-labels; it needs "
