@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from PIL import Image as PILImage
 
 from da_seg.config import ConfigError, recipe_from_dict
 from da_seg.data.domains import load_domain
@@ -242,6 +243,25 @@ def test_dual_path_sweep_runs_every_step_resumes_after_a_kill_and_eval_scores_th
     assert round_2["quantile"] == 0.25 and json.loads((seed_dir / "round_1" / "done").read_text())["quantile"] == 0.3
     thresholds = json.loads((seed_dir / "round_1" / "thresholds.json").read_text())["thresholds"]
     assert all(0.0 <= t <= 0.9 for t in thresholds)
+    # Round 1's labels are the rule applied to the warm-ups' fused predictions, image by image.
+    from da_seg.data.augment import to_float_images
+    from da_seg.engine.checkpoint import load_trained
+    from da_seg.methods.cbst import predict_probabilities
+    from da_seg.methods.dual_path import fused_labels
+
+    record = json.loads((seed_dir / "round_1" / "thresholds.json").read_text())
+    model_s, model_t = (load_trained(c) for c in record["checkpoints"])
+    real = load_domain(unlabelled_target)
+    styled = load_domain(seed_dir / "domains" / "tiny_tgt_dpit.toml")
+    for sample, styled_sample in list(zip(real.samples("train", False), styled.samples("train", False)))[:3]:
+        x_t = to_float_images(torch.from_numpy(real.read_image(sample.image)).permute(2, 0, 1)[None])
+        x_s = to_float_images(torch.from_numpy(styled.read_image(styled_sample.image)).permute(2, 0, 1)[None])
+        with torch.no_grad():
+            label, confidence = fused_labels(predict_probabilities(model_t, x_t, (32, 48))[0],
+                                             predict_probabilities(model_s, x_s, (32, 48))[0], 0.5)
+        expected = select_labels(label, confidence, torch.tensor(record["thresholds"]))
+        written = np.asarray(PILImage.open(seed_dir / "round_1" / "labels" / f"{sample.name}.png"))
+        np.testing.assert_array_equal(written, expected.numpy())
     # Each path trains on its own pseudo-labelled domain and source style.
     recipe_t = (seed_dir / "round_2" / "recipe_T.toml").read_text()
     assert "round_2/domains/target/tiny_tgt.toml" in recipe_t and "tiny_src_dpit.toml" in recipe_t

@@ -64,6 +64,7 @@ from da_seg.stages.translate import generator_options, load_generator, run_trans
 from da_seg.utils.files import write_json_atomic, write_text_atomic
 
 DUAL_PATH_MODEL = "dual_path"
+KEPT_BYTES = 2 ** 30  # pass-1 predictions kept in memory for pass 2 (beyond: predicted again)
 
 
 @dataclass(frozen=True)
@@ -219,13 +220,22 @@ def label_round(checkpoints: tuple[Path, Path], recipe: Recipe, translated_targe
         p_s = predict_probabilities(model_s, _float_image(styled[index], dev), out_size)[0]
         return sample, fuse_paths(p_t, p_s, options.label_alpha)
 
+    # Pass 1 keeps each image's (confidence, label) for pass 2 while they fit in KEPT_BYTES
+    # (5 bytes a pixel: the synthetic sets take 80 MB), so that each image is predicted once.
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    kept_bytes = 0
     thresholds_file = round_dir / "thresholds.json"
     if thresholds_file.exists():
         thresholds = torch.tensor(json.loads(thresholds_file.read_text())["thresholds"])
     else:
         confidences = ClassConfidenceSample(num_classes, cap=options.confidence_sample, seed=recipe.train.seed)
         for i in range(len(real)):
-            confidences.add(fused(i)[1])  # per predicted class, its max fused probability
+            probs = fused(i)[1]
+            confidences.add(probs)  # per predicted class, its max fused probability
+            confidence, label = probs.max(0)
+            if kept_bytes + 5 * label.numel() <= KEPT_BYTES:
+                kept[i] = (confidence.cpu(), label.to(torch.uint8).cpu())
+                kept_bytes += 5 * label.numel()
         thresholds = quantile_thresholds([confidences.sample(c) for c in range(num_classes)], quantile,
                                          options.confidence_cap)
         write_json_atomic({"quantile": quantile, "cap": options.confidence_cap, "thresholds": thresholds.tolist(),
@@ -240,7 +250,11 @@ def label_round(checkpoints: tuple[Path, Path], recipe: Recipe, translated_targe
             with Image.open(path) as image:
                 selected = np.asarray(image)
         else:
-            confidence, label = fused(i)[1].max(0)
+            if i in kept:  # pass 1's prediction of this image
+                confidence, label = kept.pop(i)
+                label = label.long()
+            else:
+                confidence, label = fused(i)[1].max(0)
             selected = select_labels(label, confidence, thresholds).to(torch.uint8).cpu().numpy()
             write_label_png(selected, path)
         counts += np.bincount(np.minimum(selected, num_classes).ravel(), minlength=num_classes + 1)
