@@ -11,6 +11,9 @@ Per step, with x_s, x_t in [-1, 1], G_st: source -> target style, G_ts: target -
         ident  lambda lambda_id (|G_st(x_t) - x_t|_1 + |G_ts(x_s) - x_s|_1)           lambda_id = 0.5
         CyCADA semantic consistency (optional, frozen source-trained segmenter f):
                w (CE(f(G_st(x_s)), y_s) + CE(f(G_ts(x_t)), argmax f(x_t)))
+        DPL's dual-path semantic terms (optional, frozen M_S and M_T: ``dual_path_weight`` > 0;
+               ``da_seg/methods/dual_path.py``): instance-normalized logit MSE on the
+               reconstructions (lambda * dual_path_weight) and translations (0.1)
     discriminator terms (on detached fakes drawn through a 50-image pool):
         0.5 (MSE(D_t(x_t), 1) + MSE(D_t(pool_t(G_st(x_s))), 0)), the same for D_s.
 
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from da_seg.methods.base import Component, ComponentSetup, OptionError, StepContext
 from da_seg.methods.common import bare, check_nonnegative, check_pair, check_positive_int, frozen, frozen_copy
+from da_seg.methods.dual_path import dpit_semantic_terms
 from da_seg.models.cyclegan import ImagePool, PatchDiscriminator, ResnetGenerator
 from da_seg.models.segmenter import upsample_logits
 from da_seg.utils.visualize import side_by_side, to_uint8
@@ -58,10 +62,6 @@ def linear_decay(total: int, decay_start: float):
     return factor
 
 
-
-
-
-
 @dataclass(frozen=True)
 class CycleGANOptions:
     ngf: int = 64                       # generator width (ResnetGenerator)
@@ -76,9 +76,19 @@ class CycleGANOptions:
     # CyCADA semantic consistency: a frozen source-trained segmenter (a da_seg last.pt / best.pt).
     semantic_weight: float = 0.0        # 0 = off (plain CycleGAN)
     semantic_checkpoint: str = ""
+    # DPL's DPIT (royee182/DPL cycle_diff_model.py): frozen M_S / M_T checkpoints (da_seg last.pt).
+    dual_path_weight: float = 0.0       # lambda_semantic: reconstructions x lambda_cycle * this (DPL: 1); 0 = off
+    dual_path_translation_weight: float = 0.1  # translations (the release's fixed 0.1)
+    source_path_checkpoint: str = ""    # M_S, trained on the source style
+    target_path_checkpoint: str = ""    # M_T, trained on the target style
+    init_checkpoint: str = ""           # start g_st, g_ts, d_s, d_t from this translate run's checkpoint
 
     def __post_init__(self):
-        check_nonnegative(self, ("lr", "lambda_cycle", "lambda_identity", "semantic_weight", "pool_size"))
+        check_nonnegative(self, ("lr", "lambda_cycle", "lambda_identity", "semantic_weight", "pool_size",
+                                 "dual_path_weight", "dual_path_translation_weight"))
+        if self.dual_path_weight > 0 and not (self.source_path_checkpoint and self.target_path_checkpoint):
+            raise OptionError("dual_path_weight", "> 0 needs source_path_checkpoint and target_path_checkpoint "
+                              "(M_S and M_T: da_seg checkpoints); the dual_path stage sets them")
         check_positive_int(self, ("ngf", "ndf", "n_blocks"))
         check_pair(self, "betas", "[beta1, beta2]")
         if not 0.0 <= self.decay_start <= 1.0:
@@ -94,7 +104,8 @@ class CycleGAN(Component):
     Networks ``g_st``, ``g_ts``, ``d_s``, ``d_t``; optimizers ``generators``,
     ``discriminators`` (Adam 2e-4, betas (0.5, 0.999), constant then linear decay). Side losses
     ``g_adv_t``, ``g_adv_s``, ``cycle_s``, ``cycle_t``, ``idt_s``, ``idt_t``, ``sem_s``,
-    ``sem_t``, ``d_t``, ``d_s``. Visual: source | G_st(source) | target | G_ts(target).
+    ``sem_t`` (CyCADA), ``dp_rec_sem_s``, ``dp_rec_sem_t``, ``dp_sem_s``, ``dp_sem_t`` (DPL), ``d_t``,
+    ``d_s``. Visual: source | G_st(source) | target | G_ts(target).
     """
 
     name = "cyclegan"
@@ -126,7 +137,26 @@ class CycleGAN(Component):
             if self.segmenter.num_classes != setup.num_classes:
                 raise OptionError("semantic_checkpoint", f"= {options.semantic_checkpoint!r} predicts "
                                   f"{self.segmenter.num_classes} classes, the domains have {setup.num_classes}")
+        self.path_models: tuple[nn.Module, nn.Module] | None = None
+        if options.dual_path_weight > 0:
+            self.path_models = tuple(self._frozen_segmenter(key) for key in ("source_path_checkpoint",
+                                                                             "target_path_checkpoint"))
+        if options.init_checkpoint:
+            saved = torch.load(options.init_checkpoint, map_location="cpu", weights_only=True)
+            networks = saved.get("components", {}).get(self.name, {}).get("networks")
+            if networks is None:
+                raise OptionError("init_checkpoint", f"= {options.init_checkpoint!r} is not a translate run's "
+                                  f"checkpoint (no components.{self.name} networks)")
+            for key, net in self.networks.items():
+                net.load_state_dict(networks[key])
         self._panel: list[Tensor] = []
+
+    def _frozen_segmenter(self, key: str) -> nn.Module:
+        model = frozen_copy(self.setup.load_trained(getattr(self.options, key)))
+        if model.num_classes != self.setup.num_classes:
+            raise OptionError(key, f"= {getattr(self.options, key)!r} predicts {model.num_classes} classes, "
+                              f"the domains have {self.setup.num_classes}")
+        return model
 
     def side_losses(self, ctx: StepContext) -> dict[str, Tensor]:
         o, nets = self.options, self.networks
@@ -140,14 +170,21 @@ class CycleGAN(Component):
         with frozen(bare(nets["d_t"])) as d_t, frozen(bare(nets["d_s"])) as d_s:
             terms["g_adv_t"] = lsgan_loss(d_t(fake_t), REAL)
             terms["g_adv_s"] = lsgan_loss(d_s(fake_s), REAL)
-        terms["cycle_s"] = o.lambda_cycle * F.l1_loss(nets["g_ts"](fake_t).float(), real_s.float())
-        terms["cycle_t"] = o.lambda_cycle * F.l1_loss(nets["g_st"](fake_s).float(), real_t.float())
+        rec_s, rec_t = nets["g_ts"](fake_t), nets["g_st"](fake_s)
+        terms["cycle_s"] = o.lambda_cycle * F.l1_loss(rec_s.float(), real_s.float())
+        terms["cycle_t"] = o.lambda_cycle * F.l1_loss(rec_t.float(), real_t.float())
         if o.lambda_identity > 0:
             weight = o.lambda_cycle * o.lambda_identity
             terms["idt_t"] = weight * F.l1_loss(nets["g_st"](real_t).float(), real_t.float())
             terms["idt_s"] = weight * F.l1_loss(nets["g_ts"](real_s).float(), real_s.float())
         if self.segmenter is not None:
             terms.update(self._semantic_terms(ctx, fake_t, fake_s))
+        if self.path_models is not None:
+            images = {"real_s": real_s, "real_t": real_t, "fake_t": fake_t, "fake_s": fake_s, "rec_s": rec_s,
+                      "rec_t": rec_t}
+            terms.update(dpit_semantic_terms(*self.path_models, images,
+                                             reconstruction_weight=o.lambda_cycle * o.dual_path_weight,
+                                             translation_weight=o.dual_path_translation_weight))
         # Discriminator terms: on detached fakes, drawn through the image pools.
         pooled_t = self.pools["t"].query(fake_t.detach().float())
         pooled_s = self.pools["s"].query(fake_s.detach().float())

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from da_seg.models.deeplab import deeplabv2_r50, deeplabv2_r101, deeplabv3plus_r50, deeplabv3plus_r101
+from da_seg.models.dual_path import build_dual_path
 from da_seg.models.segformer import SEGFORMER_BUILDERS
 from da_seg.models.segmenter import Segmenter
 from da_seg.models.small import build_deeplab_small
@@ -20,6 +21,7 @@ MODELS: dict[str, Callable[..., Segmenter]] = {
     "deeplabv3plus_r101": deeplabv3plus_r101,
     **SEGFORMER_BUILDERS,
     **VIT_BUILDERS,
+    "dual_path": lambda num_classes, **options: build_dual_path(num_classes, build_model, **options),  # DPL-Dual
 }
 
 

@@ -11,7 +11,11 @@ on by name. Its settings are the recipe's ``[translate]`` table (:class:`Transla
    names as in the source. Images already written are skipped, so an interrupted write continues
    where it stopped; ``translation.json`` there records which checkpoint wrote them, and a
    different checkpoint refuses to mix its images in (``--overwrite`` starts the folder afresh).
-3. The descriptor ``<output_domain>.toml`` goes to the first ``$DA_SEG_DATASETS`` directory, else
+3. With ``target_output_domain`` set, the same for the *target* through G_ts (target -> source
+   style; DPL's second path): its splits (``target_splits``; default all) are written as the
+   domain ``target_output_domain`` with the target's label files for every split except
+   ``data.target_split`` (the adaptation split stays unlabelled, as the target it came from).
+4. The descriptor ``<output_domain>.toml`` goes to the first ``$DA_SEG_DATASETS`` directory, else
    ``./datasets`` (where domain names are looked up, as ``da-seg prepare convert-labels``). Its
    images are the translated ones; its labels are the *source's label files*, referenced by path
    (relative to the new root when both lie under ``$DA_SEG_DATA``), never copied; classes and the
@@ -41,7 +45,7 @@ import torch
 from PIL import Image
 
 from da_seg.config import ConfigError, Recipe
-from da_seg.data.domains import Domain, load_domain, resolve_root
+from da_seg.data.domains import Domain, DomainError, load_domain, resolve_root
 from da_seg.data.loaders import OwnErrors
 from da_seg.engine.checkpoint import load_checkpoint
 from da_seg.engine.trainer import amp_dtype_for, pick_device
@@ -72,9 +76,14 @@ class TranslateOptions:
     splits: tuple[str, ...] = ()        # source splits to translate; () = all of them
     tile: int = 2048                    # frames larger than this (either side) are translated in tiles ...
     tile_overlap: int = 256             # ... overlapping by this much, blended; 0 = always whole
+    # The other direction (DPL): the target through G_ts, written as a domain too; "" = not written.
+    target_output_domain: str = ""      # name of the target -> source domain
+    target_output_dir: str = ""         # its folder, as output_dir; "" = beside the target root
+    target_splits: tuple[str, ...] = () # target splits to translate; () = all of them
 
     def __post_init__(self):
         object.__setattr__(self, "splits", tuple(self.splits))
+        object.__setattr__(self, "target_splits", tuple(self.target_splits))
         check_nonnegative(self, ("tile", "tile_overlap"))
         if self.tile and self.tile_overlap >= self.tile:
             raise OptionError("tile_overlap", f"= {self.tile_overlap} must be smaller than tile = {self.tile}")
@@ -86,14 +95,20 @@ def generator_options(recipe: Recipe) -> CycleGANOptions:
     return parse_options(CycleGAN, dict(recipe.components[CycleGAN.name] or {}), recipe.name)
 
 
+DIRECTIONS = {"source": "g_st", "target": "g_ts"}  # the domain translated -> its generator
+
+
 def output_location(options: TranslateOptions, source: Domain,
-                    out: str | Path | None = None) -> tuple[str, Path]:
-    """(name of the translated domain, its folder)."""
-    name = options.output_domain or f"{source.name}_{CycleGAN.name}"
+                    out: str | Path | None = None, direction: str = "source") -> tuple[str, Path]:
+    """(name of the translated domain, its folder); ``source``: the domain that is translated."""
+    if direction == "source":
+        name, output_dir = options.output_domain or f"{source.name}_{CycleGAN.name}", options.output_dir
+    else:
+        name, output_dir = options.target_output_domain, options.target_output_dir
     if out is not None:
         folder = Path(out).expanduser().absolute()
-    elif options.output_dir:
-        folder = resolve_root(options.output_dir)
+    elif output_dir:
+        folder = resolve_root(output_dir)
     else:
         folder = source.root.parent / name
     return name, folder
@@ -104,15 +119,16 @@ def default_descriptor_dir() -> Path:
     return Path(env[0]).expanduser() if env else Path.cwd() / "datasets"
 
 
-def load_generator(checkpoint: Path, options: CycleGANOptions, device: torch.device) -> ResnetGenerator:
-    """G_st of a translate run's checkpoint, in eval mode."""
+def load_generator(checkpoint: Path, options: CycleGANOptions, device: torch.device,
+                   key: str = "g_st") -> ResnetGenerator:
+    """G_st (or ``key`` = "g_ts") of a translate run's checkpoint, in eval mode."""
     state = load_checkpoint(checkpoint)
     saved = state.get("components", {}).get(CycleGAN.name)
     if saved is None:
         raise ValueError(f"{checkpoint} has no {CycleGAN.name} component (components: "
                          f"{', '.join(state.get('components', {})) or 'none'})")
     generator = ResnetGenerator(options.ngf, options.n_blocks)
-    generator.load_state_dict(saved["networks"]["g_st"])
+    generator.load_state_dict(saved["networks"][key])
     return generator.to(device).eval()
 
 
@@ -129,16 +145,16 @@ def _data_relative(path: Path) -> str | None:
 
 
 def translated_descriptor(name: str, source: Domain, splits: Sequence[str], folder: Path,
-                          description: str) -> dict[str, Any]:
+                          description: str, label_splits: Sequence[str] | None = None) -> dict[str, Any]:
     """A descriptor (as a dict) for the translated images in ``folder/<split>/images`` with the
-    source's classes, label decoding and label files."""
+    source's classes, label decoding and label files (of ``label_splits`` only, when given)."""
     raw = tomllib.loads(source.descriptor.read_text())
     root_entry = _data_relative(folder)
     tables: dict[str, Any] = {}
     for split in splits:
         spec = source.split_spec(split)
         table: dict[str, Any] = {"images": f"{split}/images", "image_suffix": ".png"}
-        if spec.labels is not None:
+        if spec.labels is not None and (label_splits is None or split in label_splits):
             labels_dir = source.root / spec.labels
             # Relative when both trees live under $DA_SEG_DATA, so moving that folder keeps it valid.
             both_under_data = root_entry is not None and _data_relative(labels_dir) is not None
@@ -150,16 +166,31 @@ def translated_descriptor(name: str, source: Domain, splits: Sequence[str], fold
     descriptor: dict[str, Any] = {
         "name": name, "description": description,
         "root": root_entry if root_entry is not None else str(folder.absolute()),
-        "layout": f"{{{','.join(splits)}}}/images/<source sample name>.png, translated from {source.name}; "
-                  f"labels: the source's ({source.layout or source.root})",
+        "layout": f"{{{','.join(splits)}}}/images/<sample name>.png, translated from {source.name}; "
+                  f"labels: {source.name}'s ({source.layout or source.root})",
         "classes": raw["classes"],
     }
     if "label" in raw:
         descriptor["label"] = raw["label"]
-    if source.generator:  # made from generated files: checked against their generator like them
+    if source.generator and _stamp_reaches(source.generator, folder):
+        # Made from generated files: checked against their generator like them. A folder outside
+        # the generator's tree (a stage's run folder) cannot be: its source was checked when the
+        # translator trained on it.
         descriptor["generator"] = source.generator
     descriptor["splits"] = tables
     return descriptor
+
+
+def _stamp_reaches(generator: str, folder: Path) -> bool:
+    """Whether ``folder`` lies where the generator's check finds its stamp."""
+    from da_seg.data.generated import GENERATORS
+    from da_seg.data.synthetic import SyntheticDataError
+
+    try:
+        GENERATORS[generator](folder)
+    except (DomainError, SyntheticDataError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,16 +239,23 @@ def _check_marker(folder: Path, identity: dict[str, Any], overwrite: bool, split
 def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: TranslateOptions, *,
                             out: str | Path | None = None,
                             descriptor_dir: str | Path | None = None, device: str = "auto",
-                            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Translate the source's splits with the checkpoint's G_st and write the new domain.
+                            overwrite: bool = False, progress: bool = True,
+                            direction: str = "source") -> dict[str, Any]:
+    """Translate the source's splits with the checkpoint's G_st and write the new domain
+    (``direction = "target"``: the target's splits with G_ts, see ``target_output_domain``).
 
     Under torchrun every rank translates its share of each split; rank 0 writes the marker and
     the descriptor. Returns the summary stored in ``translation.json``.
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction = {direction!r}; valid: {', '.join(DIRECTIONS)}")
     checkpoint = Path(checkpoint).absolute()
-    source = load_domain(recipe.data.source)
-    name, folder = output_location(options, source, out)
-    splits = list(options.splits) or list(source.splits)
+    from_source = direction == "source"
+    source = load_domain(recipe.data.source if from_source else recipe.data.target)  # the domain translated
+    name, folder = output_location(options, source, out, direction)
+    splits = list(options.splits if from_source else options.target_splits) or list(source.splits)
+    # The target's adaptation split stays unlabelled in its translated copy.
+    label_splits = None if from_source else [s for s in splits if s != recipe.data.target_split]
     for split in splits:
         source.split_spec(split)  # unknown split: fail before any work
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
@@ -233,7 +271,7 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: Tra
         write_json_atomic({**identity, "complete": False}, folder / MARKER)
     du.barrier()
 
-    generator = load_generator(checkpoint, generator_options(recipe), dev)
+    generator = load_generator(checkpoint, generator_options(recipe), dev, DIRECTIONS[direction])
     amp = amp_dtype_for(recipe.train.amp, dev)
     autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
     start = time.perf_counter()
@@ -241,7 +279,8 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: Tra
     with ThreadPoolExecutor(max_workers=2) as saver:
         for split in splits:
             spec = source.split_spec(split)
-            samples = source.samples(split, with_labels=spec.labels is not None)
+            labelled = spec.labels is not None and (label_splits is None or split in label_splits)
+            samples = source.samples(split, with_labels=labelled)
             destinations = [folder / split / "images" / (s.name + ".png") for s in samples]
             todo = [i for i, path in enumerate(destinations) if i % world == rank and not path.exists()]
             counts[split] = {"images": len(samples), "translated_now": len(todo)}
@@ -266,8 +305,9 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: Tra
             bar.close()
     du.barrier()
 
-    target = load_domain(recipe.data.target).name
-    summary = {**identity, "complete": True, "domain": name, "folder": str(folder), "splits": splits,
+    target = load_domain(recipe.data.target if from_source else recipe.data.source).name  # the style
+    summary = {**identity, "complete": True, "direction": direction, "domain": name, "folder": str(folder),
+               "splits": splits,
                "counts": counts, "recipe": recipe.name, "target_domain": target,
                "generator": {"ngf": generator_options(recipe).ngf, "n_blocks": generator_options(recipe).n_blocks},
                "tile": options.tile, "tile_overlap": options.tile_overlap,
@@ -275,9 +315,10 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: Tra
     if rank == 0:
         descriptor_dir = Path(descriptor_dir) if descriptor_dir is not None else default_descriptor_dir()
         descriptor_dir.mkdir(parents=True, exist_ok=True)
+        labels = f"{source.name}'s" if label_splits is None else f"{source.name}'s for {', '.join(label_splits) or 'none'}"
         description = (f"{source.name} translated to the style of {target} by CycleGAN "
-                       f"({recipe.name}, iteration {iteration}); labels: {source.name}'s")
-        descriptor = translated_descriptor(name, source, splits, folder, description)
+                       f"({recipe.name}, iteration {iteration}); labels: {labels}")
+        descriptor = translated_descriptor(name, source, splits, folder, description, label_splits)
         path = descriptor_dir / f"{name}.toml"
         header = f"# Written by `da-seg translate` from {checkpoint}; labels are read from {source.name}'s folders.\n"
         write_text_atomic(header + dumps_toml(descriptor), path)
@@ -309,10 +350,15 @@ def run_translate(recipe_path: str | Path, *, overrides: Sequence[str] = (), run
         checkpoint = run_dir / "last.pt"
     summary = write_translated_domain(checkpoint, recipe, options, out=out, descriptor_dir=descriptor_dir,
                                       device=device, overwrite=overwrite, progress=progress)
-    if progress and "descriptor" in summary:
-        total = sum(c["images"] for c in summary["counts"].values())
-        click.echo(f"domain {summary['domain']!r}: {total} images in {summary['folder']}; "
-                   f"descriptor {summary['descriptor']}")
+    if options.target_output_domain:
+        summary["target_direction"] = write_translated_domain(
+            checkpoint, recipe, options, descriptor_dir=descriptor_dir, device=device, overwrite=overwrite,
+            progress=progress, direction="target")
+    for written in (summary, summary.get("target_direction", {})):
+        if progress and "descriptor" in written:
+            total = sum(c["images"] for c in written["counts"].values())
+            click.echo(f"domain {written['domain']!r}: {total} images in {written['folder']}; "
+                       f"descriptor {written['descriptor']}")
     return {**summary, "run_dir": str(run_dir if run_dir is not None else Path(checkpoint).parent)}
 
 
