@@ -12,6 +12,7 @@ from typing import Sequence
 from da_seg.config import Recipe, UnknownNameError, load_recipe
 from da_seg.methods import validate
 from da_seg.stages.base import parse_stage_options
+from da_seg.stages.fcan import FcanStage
 from da_seg.stages.self_train import SelfTrainStage
 from da_seg.stages.train import TrainStage
 from da_seg.stages.translate import TranslateStage
@@ -21,6 +22,7 @@ STAGES = {
     TrainStage.name: TrainStage,
     TranslateStage.name: TranslateStage,
     SelfTrainStage.name: SelfTrainStage,
+    FcanStage.name: FcanStage,
 }
 
 

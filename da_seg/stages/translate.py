@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 import numpy as np
@@ -129,9 +129,11 @@ def _data_relative(path: Path) -> str | None:
 
 
 def translated_descriptor(name: str, source: Domain, splits: Sequence[str], folder: Path,
-                          description: str) -> dict[str, Any]:
+                          description: str, generator_stamp: bool = True) -> dict[str, Any]:
     """A descriptor (as a dict) for the translated images in ``folder/<split>/images`` with the
-    source's classes, label decoding and label files."""
+    source's classes, label decoding and label files. ``generator_stamp``: carry the source's
+    ``generator`` entry (checked against the generator's VERSION.json near the root: only for
+    folders written beside the source, as the translate stage does)."""
     raw = tomllib.loads(source.descriptor.read_text())
     root_entry = _data_relative(folder)
     tables: dict[str, Any] = {}
@@ -156,7 +158,7 @@ def translated_descriptor(name: str, source: Domain, splits: Sequence[str], fold
     }
     if "label" in raw:
         descriptor["label"] = raw["label"]
-    if source.generator:  # made from generated files: checked against their generator like them
+    if source.generator and generator_stamp:  # made from generated files: checked against their generator like them
         descriptor["generator"] = source.generator
     descriptor["splits"] = tables
     return descriptor
@@ -205,37 +207,32 @@ def _check_marker(folder: Path, identity: dict[str, Any], overwrite: bool, split
     marker.unlink(missing_ok=True)
 
 
-def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: TranslateOptions, *,
-                            out: str | Path | None = None,
-                            descriptor_dir: str | Path | None = None, device: str = "auto",
-                            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Translate the source's splits with the checkpoint's G_st and write the new domain.
+def write_domain(source: Domain, splits: Sequence[str], folder: Path, name: str, identity: dict[str, Any],
+                 transform: Callable[[torch.Tensor], torch.Tensor], *, description: str, header: str,
+                 descriptor_dir: str | Path | None = None, device: torch.device, batch_size: int = 1,
+                 num_workers: int = 0, overwrite: bool = False, progress: bool = True, what: str = "translate",
+                 extra: dict[str, Any] | None = None, generator_stamp: bool = True) -> dict[str, Any]:
+    """Write every image of ``source``'s ``splits`` through ``transform`` as a new labelled domain.
 
-    Under torchrun every rank translates its share of each split; rank 0 writes the marker and
-    the descriptor. Returns the summary stored in ``translation.json``.
+    ``transform``: (N, 3, H, W) float images in [0, 1] on ``device`` -> the same shape (a batch of
+    ``batch_size`` images of one size; 1 for domains whose frames differ in size). Images are PNGs
+    under ``folder/<split>/images`` with the source's relative names; those already written are
+    skipped (resume); ``identity`` (with ``checkpoint`` and ``iteration``) is recorded in the
+    folder's marker and another identity's images are refused unless ``overwrite``. The descriptor
+    ``<name>.toml`` (source classes, label decoding and label files; ``generator_stamp``: see
+    :func:`translated_descriptor`) goes to ``descriptor_dir``, else the default (:func:`default_descriptor_dir`). Under torchrun every rank writes its share;
+    rank 0 writes the marker and the descriptor. Returns the summary stored in the marker.
     """
-    checkpoint = Path(checkpoint).absolute()
-    source = load_domain(recipe.data.source)
-    name, folder = output_location(options, source, out)
-    splits = list(options.splits) or list(source.splits)
     for split in splits:
         source.split_spec(split)  # unknown split: fail before any work
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)
-    dev = pick_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    iteration = int(load_checkpoint(checkpoint)["iteration"])
-    identity = {"checkpoint": str(checkpoint), "iteration": iteration, "source_domain": source.name}
     if rank == 0:
         _check_marker(folder, identity, overwrite, splits)
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic({**identity, "complete": False}, folder / MARKER)
     du.barrier()
 
-    generator = load_generator(checkpoint, generator_options(recipe), dev)
-    amp = amp_dtype_for(recipe.train.amp, dev)
-    autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
     start = time.perf_counter()
     counts: dict[str, dict[str, int]] = {}
     with ThreadPoolExecutor(max_workers=2) as saver:
@@ -244,46 +241,80 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: Tra
             samples = source.samples(split, with_labels=spec.labels is not None)
             destinations = [folder / split / "images" / (s.name + ".png") for s in samples]
             todo = [i for i, path in enumerate(destinations) if i % world == rank and not path.exists()]
-            counts[split] = {"images": len(samples), "translated_now": len(todo)}
+            counts[split] = {"images": len(samples), f"{what}d_now": len(todo)}
             if not todo:
                 continue
             dataset = torch.utils.data.Subset(_SourceImages(source, samples), todo)
-            loader = OwnErrors(torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False,
-                                                           num_workers=recipe.data.num_workers))
-            bar = Progress(len(todo), f"translate {source.name} {split}", enabled=progress and rank == 0, every_s=30)
+            loader = OwnErrors(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                           num_workers=num_workers))
+            bar = Progress(len(todo), f"{what} {source.name} {split}", enabled=progress and rank == 0, every_s=30)
             pending: list[Future] = []
-            for done, item in enumerate(loader, 1):
-                image = item["image"].to(dev, non_blocking=True).float() / 255           # (1, 3, H, W)
-                with autocast():
-                    styled = translate(generator, image, options.tile, options.tile_overlap)
-                pixels = (styled[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-                pending.append(saver.submit(_save_png, pixels, destinations[int(item["index"][0])]))
-                if len(pending) >= 8:  # bounded: never hold more than a few decoded frames
+            done = 0
+            for item in loader:
+                images = item["image"].to(device, non_blocking=True).float() / 255       # (N, 3, H, W)
+                styled = transform(images)
+                pixels = (styled.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                for k, index in enumerate(item["index"].tolist()):
+                    pending.append(saver.submit(_save_png, pixels[k], destinations[index]))
+                while len(pending) > 8 * batch_size:  # bounded: never hold more than a few decoded frames
                     pending.pop(0).result()
+                done += len(pixels)
                 bar.update(done)
             for future in pending:
                 future.result()
             bar.close()
     du.barrier()
 
-    target = load_domain(recipe.data.target).name
-    summary = {**identity, "complete": True, "domain": name, "folder": str(folder), "splits": splits,
-               "counts": counts, "recipe": recipe.name, "target_domain": target,
-               "generator": {"ngf": generator_options(recipe).ngf, "n_blocks": generator_options(recipe).n_blocks},
-               "tile": options.tile, "tile_overlap": options.tile_overlap,
-               "seconds_this_pass": round(time.perf_counter() - start, 1)}
+    summary = {**identity, "complete": True, "domain": name, "folder": str(folder), "splits": list(splits),
+               "counts": counts, **(extra or {}), "seconds_this_pass": round(time.perf_counter() - start, 1)}
     if rank == 0:
         descriptor_dir = Path(descriptor_dir) if descriptor_dir is not None else default_descriptor_dir()
         descriptor_dir.mkdir(parents=True, exist_ok=True)
-        description = (f"{source.name} translated to the style of {target} by CycleGAN "
-                       f"({recipe.name}, iteration {iteration}); labels: {source.name}'s")
-        descriptor = translated_descriptor(name, source, splits, folder, description)
+        descriptor = translated_descriptor(name, source, splits, folder, description, generator_stamp)
         path = descriptor_dir / f"{name}.toml"
-        header = f"# Written by `da-seg translate` from {checkpoint}; labels are read from {source.name}'s folders.\n"
         write_text_atomic(header + dumps_toml(descriptor), path)
         summary["descriptor"] = str(path)
         write_json_atomic(summary, folder / MARKER)
     return summary
+
+
+def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: TranslateOptions, *,
+                            out: str | Path | None = None,
+                            descriptor_dir: str | Path | None = None, device: str = "auto",
+                            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Translate the source's splits with the checkpoint's G_st and write the new domain
+    (:func:`write_domain`). Returns the summary stored in ``translation.json``."""
+    checkpoint = Path(checkpoint).absolute()
+    source = load_domain(recipe.data.source)
+    name, folder = output_location(options, source, out)
+    splits = list(options.splits) or list(source.splits)
+    for split in splits:
+        source.split_spec(split)  # unknown split: fail before any work
+    dev = pick_device(device)
+    if dev.type == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    iteration = int(load_checkpoint(checkpoint)["iteration"])
+    identity = {"checkpoint": str(checkpoint), "iteration": iteration, "source_domain": source.name}
+
+    generator = load_generator(checkpoint, generator_options(recipe), dev)
+    amp = amp_dtype_for(recipe.train.amp, dev)
+    autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
+
+    def transform(image: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast():
+            return translate(generator, image, options.tile, options.tile_overlap)
+
+    target = load_domain(recipe.data.target).name
+    gen = generator_options(recipe)
+    extra = {"recipe": recipe.name, "target_domain": target, "generator": {"ngf": gen.ngf, "n_blocks": gen.n_blocks},
+             "tile": options.tile, "tile_overlap": options.tile_overlap}
+    description = (f"{source.name} translated to the style of {target} by CycleGAN "
+                   f"({recipe.name}, iteration {iteration}); labels: {source.name}'s")
+    header = f"# Written by `da-seg translate` from {checkpoint}; labels are read from {source.name}'s folders.\n"
+    return write_domain(source, splits, folder, name, identity, transform, description=description, header=header,
+                        descriptor_dir=descriptor_dir, device=dev, batch_size=1, num_workers=recipe.data.num_workers,
+                        overwrite=overwrite, progress=progress, extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------
