@@ -120,12 +120,13 @@ def adapt_images(features: nn.Module, source: Tensor, target_grams: dict[str, Te
     else:
         x = source.clone()
     for i in range(1, iterations + 1):
-        x.requires_grad_(True)
-        out = features(x)
-        loss = content_loss(out, source_features, content_weights, normalize)
-        if alpha:
-            loss = loss + alpha * style_loss(out, target_grams, style_weights, normalize)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
+        with torch.enable_grad():  # also when called under no_grad (a domain writer's transform)
+            x.requires_grad_(True)
+            out = features(x)
+            loss = content_loss(out, source_features, content_weights, normalize)
+            if alpha:
+                loss = loss + alpha * style_loss(out, target_grams, style_weights, normalize)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
         step = beta / PIXEL_SCALE * (iterations - i) / iterations
         scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-20)   # per-image |g|_1 (mean)
         x = (x.detach() - step * grad / scale).clamp(0.0, 1.0)

@@ -169,7 +169,7 @@ def appearance_domain(recipe: Recipe, recipe_path: Path, options: FcanOptions, o
                              f"(feature network {identity['checkpoint']}); labels: {source.name}'s",
                  header=f"# Written by the fcan stage ({recipe.name}); labels are read from {source.name}'s folders.\n",
                  batch_size=options.batch_size, num_workers=recipe.data.num_workers, progress=progress, what="adapt",
-                 generator_stamp=False)  # written under the runs folder, away from the generator's stamp
+                 done_key="adapted_now", generator_stamp=False)  # under the runs folder, away from the generator's stamp
     return descriptor
 
 

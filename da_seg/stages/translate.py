@@ -211,7 +211,8 @@ def write_domain(source: Domain, splits: Sequence[str], folder: Path, name: str,
                  transform: Callable[[torch.Tensor], torch.Tensor], *, description: str, header: str,
                  descriptor_dir: str | Path | None = None, device: torch.device, batch_size: int = 1,
                  num_workers: int = 0, overwrite: bool = False, progress: bool = True, what: str = "translate",
-                 extra: dict[str, Any] | None = None, generator_stamp: bool = True) -> dict[str, Any]:
+                 done_key: str = "translated_now", extra: dict[str, Any] | None = None,
+                 generator_stamp: bool = True) -> dict[str, Any]:
     """Write every image of ``source``'s ``splits`` through ``transform`` as a new labelled domain.
 
     ``transform``: (N, 3, H, W) float images in [0, 1] on ``device`` -> the same shape (a batch of
@@ -241,7 +242,7 @@ def write_domain(source: Domain, splits: Sequence[str], folder: Path, name: str,
             samples = source.samples(split, with_labels=spec.labels is not None)
             destinations = [folder / split / "images" / (s.name + ".png") for s in samples]
             todo = [i for i, path in enumerate(destinations) if i % world == rank and not path.exists()]
-            counts[split] = {"images": len(samples), f"{what}d_now": len(todo)}
+            counts[split] = {"images": len(samples), done_key: len(todo)}
             if not todo:
                 continue
             dataset = torch.utils.data.Subset(_SourceImages(source, samples), todo)
