@@ -122,6 +122,10 @@ class DataConfig:
     sampler: str = "random"               # "random" | "rare_class" (source only, DAFormer)
     rare_class_temperature: float = 0.01
     rare_class_min_pixels: int = 3000
+    # Target importance sampling (SAC): per-image predicted class pixel counts (JSON, written by the
+    # warm_start stage) and the uniform prior mixed in; None = uniform sampling (and no identity change).
+    target_sample_weights: str | None = None
+    target_uniform_prior: float | None = None
 
     def __post_init__(self):
         for key in ("source_size", "target_size", "val_size"):
@@ -132,6 +136,8 @@ class DataConfig:
         if not 0 < self.rare_class_temperature < math.inf:  # the rare-class sampler divides by it
             _refuse("rare_class_temperature", self.rare_class_temperature, "expected a temperature > 0")
         _count("rare_class_min_pixels", self.rare_class_min_pixels, 0, "pixels")
+        if self.target_uniform_prior is not None:
+            _between("target_uniform_prior", self.target_uniform_prior, 0, 1, "a probability")
 
 
 @dataclass(frozen=True)

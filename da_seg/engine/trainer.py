@@ -34,7 +34,7 @@ from da_seg.engine.batches import training_streams
 from da_seg.engine.evaluate import Evaluator
 from da_seg.engine.logging import LossMeter, NonFiniteLossError, RunLogger, mark_failed, run_metrics, write_hparams
 from da_seg.methods import build_components
-from da_seg.methods.base import ComponentSetup, StepContext
+from da_seg.methods.base import Component, ComponentSetup, StepContext, loss_groups
 from da_seg.models import build_model
 from da_seg.models.segmenter import Segmenter
 from da_seg.utils import distributed as du
@@ -164,6 +164,7 @@ class Trainer:
                                   " and ".join(f"components.{c.name}" for c in self.components
                                                if c.uses_target_labels == "pseudo"))
         self.target_labels = bool(target_labels)
+        self.loss_groups = loss_groups(self.components, per_domain=not self.dist.enabled)  # DDP: one backward
         for component in self.components:
             for name, net in component.networks.items():
                 component.networks[name] = self._wrap(net.to(self.device))
@@ -223,12 +224,10 @@ class Trainer:
         for component in self.components:
             component.prepare_batches(ctx)
         self.model.train()
-        with self.autocast():
-            losses = {f"{c.name}/{k}": v for c in self.components for k, v in c.losses(ctx).items()}
-        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = backward_by_group(ctx, self.loss_groups, self.autocast, self.scaler)
+        total = sum(v.detach() for v in losses.values())
         if losses:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
             if self.recipe.optim.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
@@ -374,6 +373,20 @@ class Trainer:
         for stream in (self.source_stream, self.target_stream):
             if stream is not None:
                 stream.close()
+
+
+def backward_by_group(ctx: StepContext, groups: list[list[Component]], autocast, scaler) -> dict:
+    """Every component's named losses; each group's sum is backpropagated as soon as the group is
+    done (``loss_groups``: per domain, or all at once). Returns {"<component>/<term>": Tensor}."""
+    losses = {}
+    for group in groups:
+        with autocast():
+            terms = {f"{c.name}/{k}": v for c in group for k, v in c.losses(ctx).items()}
+        group_total = sum(terms.values())
+        if terms and group_total.requires_grad:
+            scaler.scale(group_total).backward()
+        losses.update(terms)
+    return losses
 
 
 def _seed_everything(seed: int) -> None:

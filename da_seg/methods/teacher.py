@@ -46,3 +46,13 @@ def set_teacher_mode(teacher: nn.Module, mode: str) -> None:
     for module in teacher.modules():
         if isinstance(module, (_DropoutNd, DropPath)):
             module.eval()
+
+
+def ema_due(iteration: int, every: int) -> bool:
+    """Whether the teacher follows the student after the optimizer step of 0-based ``iteration``
+    when it is updated once every ``every`` steps (1: after every step, as DACS / DAFormer).
+
+    SAC's slow teacher (``NET_MOMENTUM_ITER = 100``) is updated before the steps t = 100, 200, ...
+    from the student as it is after step t - 1; that is this update, after steps 99, 199, ...
+    """
+    return (iteration + 1) % every == 0

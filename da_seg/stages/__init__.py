@@ -16,12 +16,14 @@ from da_seg.stages.fcan import FcanStage
 from da_seg.stages.self_train import SelfTrainStage
 from da_seg.stages.train import TrainStage
 from da_seg.stages.translate import TranslateStage
+from da_seg.stages.warm_start import WarmStartStage
 from da_seg.utils.progress import RunsClock, format_duration
 
 STAGES = {
     TrainStage.name: TrainStage,
     TranslateStage.name: TranslateStage,
     SelfTrainStage.name: SelfTrainStage,
+    WarmStartStage.name: WarmStartStage,
     FcanStage.name: FcanStage,
 }
 
