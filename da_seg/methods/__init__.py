@@ -13,6 +13,7 @@ from da_seg.methods.cbst import PseudoLabelCE
 from da_seg.methods.cyclegan import CycleGAN
 from da_seg.methods.entropy import MinEnt
 from da_seg.methods.fda import FDA
+from da_seg.methods.feature_adversarial import FeatureAdversarial
 from da_seg.methods.isw import InstanceSelectiveWhitening
 from da_seg.methods.sac import SelfAugmentationConsistency
 from da_seg.methods.san_saw import SanSaw
@@ -31,6 +32,7 @@ METHODS: dict[str, type[Component]] = {
     SanSaw.name: SanSaw,
     InstanceSelectiveWhitening.name: InstanceSelectiveWhitening,
     FDA.name: FDA,
+    FeatureAdversarial.name: FeatureAdversarial,
     CycleGAN.name: CycleGAN,
     SelfAugmentationConsistency.name: SelfAugmentationConsistency,
 }

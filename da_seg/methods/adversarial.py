@@ -25,39 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from da_seg.methods.base import Component, ComponentSetup, StepContext
-from da_seg.methods.common import (bare, check_choice, check_nonnegative, check_pair, check_positive_int, frozen,
-                                   level_suffix, output_levels, poly_schedule, softmax_at, warmup_ramp)
+from da_seg.methods.common import (ADVERSARIAL_LOSSES, SOURCE_LABEL, TARGET_LABEL, add_discriminator,  # noqa: F401
+                                   adversarial_loss, bare, check_choice, check_nonnegative, check_pair,
+                                   check_positive_int, discriminator_accuracy, frozen, level_suffix, output_levels,
+                                   softmax_at, warmup_ramp)
 from da_seg.methods.entropy import entropy_visual, weighted_self_information
 from da_seg.models.discriminator import FCDiscriminator
-
-SOURCE_LABEL = 0.0
-TARGET_LABEL = 1.0
-ADVERSARIAL_LOSSES = ("bce", "lsgan")
-
-
-def adversarial_loss(scores: Tensor, label: float, kind: str) -> Tensor:
-    """Discriminator scores (N, 1, h, w), raw logits, against a constant domain label.
-
-    ``bce``: binary cross-entropy with logits; ``lsgan``: mean squared error of the raw scores
-    (AdaptSegNet's LS-GAN option).
-    """
-    scores = scores.float()
-    target = torch.full_like(scores, label)
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(scores, target)
-    if kind == "lsgan":
-        return F.mse_loss(scores, target)
-    raise ValueError(f"adversarial loss {kind!r}; valid: {ADVERSARIAL_LOSSES}")
-
-
-
-
-
-
 
 
 @dataclass(frozen=True)
@@ -89,16 +65,11 @@ class OutputSpaceAdversarial(Component):
     def __init__(self, options: AdversarialOptions, setup: ComponentSetup):
         super().__init__(options, setup)
         self.where = f"components.{self.name}"
-        lr_factor = poly_schedule(setup.decay_iters, setup.poly_power)
         self.levels = ["main", "aux"] if options.multi_level else ["main"]
         self.weights = {"main": options.weight, "aux": options.aux_weight}
         for level in self.levels:
-            key = self.key(level)
-            discriminator = FCDiscriminator(setup.num_classes, options.ndf).to(setup.device)
-            optimizer = torch.optim.Adam(discriminator.parameters(), lr=options.d_lr, betas=options.d_betas)
-            self.networks[key] = discriminator
-            self.optimizers[key] = optimizer
-            self.schedulers[key] = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+            add_discriminator(self, self.key(level), FCDiscriminator(setup.num_classes, options.ndf),
+                              options.d_lr, options.d_betas)
         self._stats: dict[str, Tensor] = {}
 
     @staticmethod
@@ -139,17 +110,10 @@ class OutputSpaceAdversarial(Component):
             terms["d" + level_suffix(level)] = 0.5 * (
                 adversarial_loss(scores_source, SOURCE_LABEL, self.options.loss)
                 + adversarial_loss(scores_target, TARGET_LABEL, self.options.loss))
-            stats["d_accuracy" + level_suffix(level)] = self._accuracy(scores_source.detach(), scores_target.detach())
+            stats["d_accuracy" + level_suffix(level)] = discriminator_accuracy(
+                scores_source.detach(), scores_target.detach(), self.options.loss)
         self._stats = stats
         return terms
-
-    def _accuracy(self, scores_source: Tensor, scores_target: Tensor) -> Tensor:
-        """Fraction of discriminator patches on the right side of the decision threshold (0 for
-        logits, 0.5 for LS-GAN scores): 0.5 = chance, near 1 = D wins and the generator term saturates."""
-        threshold = 0.0 if self.options.loss == "bce" else 0.5
-        right = torch.cat([(scores_source.float() < threshold).flatten(),
-                           (scores_target.float() >= threshold).flatten()])
-        return right.float().mean()
 
     def after_step(self, ctx: StepContext) -> dict[str, Tensor]:
         stats, self._stats = self._stats, {}

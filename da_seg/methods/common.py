@@ -1,5 +1,6 @@
 """Helpers that several methods share: option checks, output levels, softmax at a size, loss
-ramps, frozen and unwrapped networks. Method-specific math stays in each method's own file."""
+ramps, frozen and unwrapped networks, adversarial domain labels and losses and the discriminators
+that a component owns. Method-specific math stays in each method's own file."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -133,6 +134,50 @@ def freeze_batchnorm_statistics(model: nn.Module) -> list:
     Returns the hook handles (``handle.remove()`` undoes it)."""
     return [m.register_forward_pre_hook(_batchnorm_eval) for m in model.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial alignment (output space: adversarial.py; features: feature_adversarial.py)
+
+SOURCE_LABEL = 0.0   # the domain labels of the official codes (AdaptSegNet, ADVENT; FCAN's D_i is P(target))
+TARGET_LABEL = 1.0
+ADVERSARIAL_LOSSES = ("bce", "lsgan")
+
+
+def adversarial_loss(scores: Tensor, label: float, kind: str) -> Tensor:
+    """Discriminator scores (N, 1, h, w), raw logits, against a constant domain label.
+
+    ``bce``: binary cross-entropy with logits; ``lsgan``: mean squared error of the raw scores
+    (AdaptSegNet's LS-GAN option).
+    """
+    scores = scores.float()
+    target = torch.full_like(scores, label)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(scores, target)
+    if kind == "lsgan":
+        return F.mse_loss(scores, target)
+    raise ValueError(f"adversarial loss {kind!r}; valid: {ADVERSARIAL_LOSSES}")
+
+
+def discriminator_accuracy(scores_source: Tensor, scores_target: Tensor, kind: str = "bce") -> Tensor:
+    """Fraction of discriminator cells on the right side of the decision threshold (0 for logits,
+    0.5 for LS-GAN scores): 0.5 = chance, near 1 = D wins and the generator term saturates."""
+    threshold = 0.0 if kind == "bce" else 0.5
+    right = torch.cat([(scores_source.float() < threshold).flatten(),
+                       (scores_target.float() >= threshold).flatten()])
+    return right.float().mean()
+
+
+def add_discriminator(component, key: str, discriminator: nn.Module, lr: float, betas) -> None:
+    """Register a discriminator with the Adam optimizer and poly schedule of the official codes
+    (decayed like the segmenter), so that the trainer moves, wraps, checkpoints and resumes it."""
+    setup: ComponentSetup = component.setup
+    discriminator = discriminator.to(setup.device)
+    optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=tuple(betas))
+    component.networks[key] = discriminator
+    component.optimizers[key] = optimizer
+    component.schedulers[key] = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_schedule(setup.decay_iters, setup.poly_power))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ when their appearance is not.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -41,3 +42,31 @@ class FCDiscriminator(nn.Module):
                 f"stride-2 4x4 convs), got {tuple(x.shape[-2:])}: its input is the output upsampled to the "
                 "image size, so use larger images or crops (data.*_size, augment.*.crop)")
         return self.layers(x)
+
+
+class ASPPDiscriminator(nn.Module):
+    """FCAN's domain discriminator on *features* (Zhang et al., CVPR 2018, Sec. 3.3): k parallel
+    3x3 dilated convolutions (rates 1, 2, 3, 4 in the paper) of c channels each (c = 128) over
+    the feature map, stacked to c*k channels, then a 1x1 convolution to one domain score per
+    location (the paper's sigmoid is inside the BCE-with-logits loss).
+
+    Our choice where the paper is silent: a LeakyReLU(0.2) on the stacked branches (as in
+    AdaptSegNet's discriminator); without a nonlinearity the branches and the 1x1 conv would
+    collapse into a single linear filter. Padding = rate keeps the size, so every feature cell
+    gets a prediction; no stride, no normalization.
+
+    Shape:
+        input:  (N, C_in, h, w), e.g. the segmenter's ``features["backbone"]``.
+        output: (N, 1, h, w) raw logits, P(target) = sigmoid.
+    """
+
+    def __init__(self, in_channels: int, channels: int = 128, rates: tuple[int, ...] = (1, 2, 3, 4)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, channels, kernel_size=3, padding=rate, dilation=rate) for rate in rates)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        self.classifier = nn.Conv2d(channels * len(rates), 1, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        stacked = torch.cat([branch(x) for branch in self.branches], dim=1)   # (N, c*k, h, w)
+        return self.classifier(self.act(stacked))                             # (N, 1, h, w)

@@ -13,6 +13,7 @@ from da_seg.config import Recipe, UnknownNameError, load_recipe
 from da_seg.methods import validate
 from da_seg.stages.base import parse_stage_options
 from da_seg.stages.dual_path import DualPathStage
+from da_seg.stages.fcan import FcanStage
 from da_seg.stages.launch import LAUNCHERS, SlurmOptions, SweepJob, run_local_parallel, run_slurm
 from da_seg.stages.self_train import SelfTrainStage
 from da_seg.stages.train import TrainStage
@@ -26,6 +27,7 @@ STAGES = {
     SelfTrainStage.name: SelfTrainStage,
     WarmStartStage.name: WarmStartStage,
     DualPathStage.name: DualPathStage,
+    FcanStage.name: FcanStage,
 }
 
 

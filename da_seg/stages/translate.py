@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 import numpy as np
@@ -145,9 +145,12 @@ def _data_relative(path: Path) -> str | None:
 
 
 def translated_descriptor(name: str, source: Domain, splits: Sequence[str], folder: Path,
-                          description: str, label_splits: Sequence[str] | None = None) -> dict[str, Any]:
+                          description: str, label_splits: Sequence[str] | None = None,
+                          generator_stamp: bool = True) -> dict[str, Any]:
     """A descriptor (as a dict) for the translated images in ``folder/<split>/images`` with the
-    source's classes, label decoding and label files (of ``label_splits`` only, when given)."""
+    source's classes, label decoding and label files (of ``label_splits`` only, when given).
+    ``generator_stamp``: carry the source's ``generator`` entry where its check can find the
+    generator's stamp (a folder beside the source, as the translate stage writes)."""
     raw = tomllib.loads(source.descriptor.read_text())
     root_entry = _data_relative(folder)
     tables: dict[str, Any] = {}
@@ -172,7 +175,7 @@ def translated_descriptor(name: str, source: Domain, splits: Sequence[str], fold
     }
     if "label" in raw:
         descriptor["label"] = raw["label"]
-    if source.generator and _stamp_reaches(source.generator, folder):
+    if source.generator and generator_stamp and _stamp_reaches(source.generator, folder):
         # Made from generated files: checked against their generator like them. A folder outside
         # the generator's tree (a stage's run folder) cannot be: its source was checked when the
         # translator trained on it.
@@ -236,17 +239,87 @@ def _check_marker(folder: Path, identity: dict[str, Any], overwrite: bool, split
     marker.unlink(missing_ok=True)
 
 
+def write_domain(source: Domain, splits: Sequence[str], folder: Path, name: str, identity: dict[str, Any],
+                 transform: Callable[[torch.Tensor], torch.Tensor], *, description: str, header: str,
+                 descriptor_dir: str | Path | None = None, device: torch.device, batch_size: int = 1,
+                 num_workers: int = 0, overwrite: bool = False, progress: bool = True, what: str = "translate",
+                 done_key: str = "translated_now", extra: dict[str, Any] | None = None,
+                 generator_stamp: bool = True, label_splits: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write every image of ``source``'s ``splits`` through ``transform`` as a new labelled domain.
+
+    ``transform``: (N, 3, H, W) float images in [0, 1] on ``device`` -> the same shape (a batch of
+    ``batch_size`` images of one size; 1 for domains whose frames differ in size). Images are PNGs
+    under ``folder/<split>/images`` with the source's relative names; those already written are
+    skipped (resume); ``identity`` (with ``checkpoint`` and ``iteration``) is recorded in the
+    folder's marker and another identity's images are refused unless ``overwrite``. The descriptor
+    ``<name>.toml`` (source classes, label decoding and the label files of ``label_splits``, all
+    when None; ``generator_stamp``: see
+    :func:`translated_descriptor`) goes to ``descriptor_dir``, else the default (:func:`default_descriptor_dir`). Under torchrun every rank writes its share;
+    rank 0 writes the marker and the descriptor. Returns the summary stored in the marker.
+    """
+    for split in splits:
+        source.split_spec(split)  # unknown split: fail before any work
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)
+    if rank == 0:
+        _check_marker(folder, identity, overwrite, splits)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic({**identity, "complete": False}, folder / MARKER)
+    du.barrier()
+
+    start = time.perf_counter()
+    counts: dict[str, dict[str, int]] = {}
+    with ThreadPoolExecutor(max_workers=2) as saver:
+        for split in splits:
+            spec = source.split_spec(split)
+            labelled = spec.labels is not None and (label_splits is None or split in label_splits)
+            samples = source.samples(split, with_labels=labelled)
+            destinations = [folder / split / "images" / (s.name + ".png") for s in samples]
+            todo = [i for i, path in enumerate(destinations) if i % world == rank and not path.exists()]
+            counts[split] = {"images": len(samples), done_key: len(todo)}
+            if not todo:
+                continue
+            dataset = torch.utils.data.Subset(_SourceImages(source, samples), todo)
+            loader = OwnErrors(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                           num_workers=num_workers))
+            bar = Progress(len(todo), f"{what} {source.name} {split}", enabled=progress and rank == 0, every_s=30)
+            pending: list[Future] = []
+            done = 0
+            for item in loader:
+                images = item["image"].to(device, non_blocking=True).float() / 255       # (N, 3, H, W)
+                styled = transform(images)
+                pixels = (styled.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                for k, index in enumerate(item["index"].tolist()):
+                    pending.append(saver.submit(_save_png, pixels[k], destinations[index]))
+                while len(pending) > 8 * batch_size:  # bounded: never hold more than a few decoded frames
+                    pending.pop(0).result()
+                done += len(pixels)
+                bar.update(done)
+            for future in pending:
+                future.result()
+            bar.close()
+    du.barrier()
+
+    summary = {**identity, "complete": True, "domain": name, "folder": str(folder), "splits": list(splits),
+               "counts": counts, **(extra or {}), "seconds_this_pass": round(time.perf_counter() - start, 1)}
+    if rank == 0:
+        descriptor_dir = Path(descriptor_dir) if descriptor_dir is not None else default_descriptor_dir()
+        descriptor_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = translated_descriptor(name, source, splits, folder, description, label_splits, generator_stamp)
+        path = descriptor_dir / f"{name}.toml"
+        write_text_atomic(header + dumps_toml(descriptor), path)
+        summary["descriptor"] = str(path)
+        write_json_atomic(summary, folder / MARKER)
+    return summary
+
 def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: TranslateOptions, *,
                             out: str | Path | None = None,
                             descriptor_dir: str | Path | None = None, device: str = "auto",
                             overwrite: bool = False, progress: bool = True,
                             direction: str = "source") -> dict[str, Any]:
     """Translate the source's splits with the checkpoint's G_st and write the new domain
-    (``direction = "target"``: the target's splits with G_ts, see ``target_output_domain``).
-
-    Under torchrun every rank translates its share of each split; rank 0 writes the marker and
-    the descriptor. Returns the summary stored in ``translation.json``.
-    """
+    (``direction = "target"``: the target's splits with G_ts, see ``target_output_domain``), through
+    :func:`write_domain`. Returns the summary stored in ``translation.json``."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction = {direction!r}; valid: {', '.join(DIRECTIONS)}")
     checkpoint = Path(checkpoint).absolute()
@@ -258,73 +331,33 @@ def write_translated_domain(checkpoint: str | Path, recipe: Recipe, options: Tra
     label_splits = None if from_source else [s for s in splits if s != recipe.data.target_split]
     for split in splits:
         source.split_spec(split)  # unknown split: fail before any work
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1)
     dev = pick_device(device)
-    if dev.type == "cuda" and world > 1:
+    if dev.type == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     iteration = int(load_checkpoint(checkpoint)["iteration"])
     identity = {"checkpoint": str(checkpoint), "iteration": iteration, "source_domain": source.name}
-    if rank == 0:
-        _check_marker(folder, identity, overwrite, splits)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic({**identity, "complete": False}, folder / MARKER)
-    du.barrier()
 
     generator = load_generator(checkpoint, generator_options(recipe), dev, DIRECTIONS[direction])
     amp = amp_dtype_for(recipe.train.amp, dev)
     autocast = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else nullcontext
-    start = time.perf_counter()
-    counts: dict[str, dict[str, int]] = {}
-    with ThreadPoolExecutor(max_workers=2) as saver:
-        for split in splits:
-            spec = source.split_spec(split)
-            labelled = spec.labels is not None and (label_splits is None or split in label_splits)
-            samples = source.samples(split, with_labels=labelled)
-            destinations = [folder / split / "images" / (s.name + ".png") for s in samples]
-            todo = [i for i, path in enumerate(destinations) if i % world == rank and not path.exists()]
-            counts[split] = {"images": len(samples), "translated_now": len(todo)}
-            if not todo:
-                continue
-            dataset = torch.utils.data.Subset(_SourceImages(source, samples), todo)
-            loader = OwnErrors(torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False,
-                                                           num_workers=recipe.data.num_workers))
-            bar = Progress(len(todo), f"translate {source.name} {split}", enabled=progress and rank == 0, every_s=30)
-            pending: list[Future] = []
-            for done, item in enumerate(loader, 1):
-                image = item["image"].to(dev, non_blocking=True).float() / 255           # (1, 3, H, W)
-                with autocast():
-                    styled = translate(generator, image, options.tile, options.tile_overlap)
-                pixels = (styled[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-                pending.append(saver.submit(_save_png, pixels, destinations[int(item["index"][0])]))
-                if len(pending) >= 8:  # bounded: never hold more than a few decoded frames
-                    pending.pop(0).result()
-                bar.update(done)
-            for future in pending:
-                future.result()
-            bar.close()
-    du.barrier()
+
+    def transform(image: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast():
+            return translate(generator, image, options.tile, options.tile_overlap)
 
     target = load_domain(recipe.data.target if from_source else recipe.data.source).name  # the style
-    summary = {**identity, "complete": True, "direction": direction, "domain": name, "folder": str(folder),
-               "splits": splits,
-               "counts": counts, "recipe": recipe.name, "target_domain": target,
-               "generator": {"ngf": generator_options(recipe).ngf, "n_blocks": generator_options(recipe).n_blocks},
-               "tile": options.tile, "tile_overlap": options.tile_overlap,
-               "seconds_this_pass": round(time.perf_counter() - start, 1)}
-    if rank == 0:
-        descriptor_dir = Path(descriptor_dir) if descriptor_dir is not None else default_descriptor_dir()
-        descriptor_dir.mkdir(parents=True, exist_ok=True)
-        labels = f"{source.name}'s" if label_splits is None else f"{source.name}'s for {', '.join(label_splits) or 'none'}"
-        description = (f"{source.name} translated to the style of {target} by CycleGAN "
-                       f"({recipe.name}, iteration {iteration}); labels: {labels}")
-        descriptor = translated_descriptor(name, source, splits, folder, description, label_splits)
-        path = descriptor_dir / f"{name}.toml"
-        header = f"# Written by `da-seg translate` from {checkpoint}; labels are read from {source.name}'s folders.\n"
-        write_text_atomic(header + dumps_toml(descriptor), path)
-        summary["descriptor"] = str(path)
-        write_json_atomic(summary, folder / MARKER)
-    return summary
+    gen = generator_options(recipe)
+    extra = {"direction": direction, "recipe": recipe.name, "target_domain": target,
+             "generator": {"ngf": gen.ngf, "n_blocks": gen.n_blocks},
+             "tile": options.tile, "tile_overlap": options.tile_overlap}
+    labels = f"{source.name}'s" if label_splits is None else f"{source.name}'s for {', '.join(label_splits) or 'none'}"
+    description = (f"{source.name} translated to the style of {target} by CycleGAN "
+                   f"({recipe.name}, iteration {iteration}); labels: {labels}")
+    header = f"# Written by `da-seg translate` from {checkpoint}; labels are read from {source.name}'s folders.\n"
+    return write_domain(source, splits, folder, name, identity, transform, description=description, header=header,
+                        descriptor_dir=descriptor_dir, device=dev, batch_size=1, num_workers=recipe.data.num_workers,
+                        overwrite=overwrite, progress=progress, extra=extra, label_splits=label_splits)
 
 
 # ---------------------------------------------------------------------------------------------
