@@ -144,6 +144,6 @@ def test_the_synthetic_mic_recipe_runs_end_to_end(tmp_path, monkeypatch):
     recipe = load_recipe(ROOT / "recipes/synthetic/streets/mean_teacher_aug_mic.toml",
                          ["schedule.iters=2", "train.eval_every=2", "data.batch_size=2", "data.num_workers=0",
                           "model.options={width = 8, aspp_channels = 16}"])
-    assert recipe.components["mic"]["block_size"] == 8
+    assert recipe.components["mic"]["block_size"] == 4
     metrics = train(recipe, tmp_path / "runs", progress=False)
     assert metrics["finished"]

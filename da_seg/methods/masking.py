@@ -10,7 +10,8 @@ of it hidden, so that it learns to use context. Official code: ``lhoyer/MIC``,
   rows / crop margins at weight 0, computed before ClassMix)
   -> colour jitter + blur of the target batch (``strong_transform``, ``mix = None``)
   -> block mask: a grid of round(H / b) x round(W / b) cells, each kept where U(0, 1) > ratio
-     (b = ``mask_block_size`` 64, ratio 0.7), upsampled nearest to H x W; the normalized image is
+     (b = ``mask_block_size``: 64 on HRDA's 1024 px crops, 32 on DAFormer's half-resolution 512 px
+     ones, ``seg/experiments.py`` id 81; ratio 0.7), upsampled nearest to H x W; the normalized image is
      multiplied by it, so masked pixels are the normalized zero: the input normalization's mean
   -> student(masked) -> weighted CE against the pseudo-labels, times ``mask_lambda`` 1.
 MIC calls its own ``backward()`` on that loss; here it is one more named term in the step's one
@@ -51,7 +52,7 @@ _NO_SHARED_TEACHER = ("components.mic.teacher = \"shared\" learns the pseudo-lab
 class MICOptions:
     weight: float = 1.0                    # mask_lambda (official 1)
     mask_ratio: float = 0.7                # share of cells masked (official 0.7)
-    block_size: int = 64                   # mask_block_size, pixels of the training crop (official 64, 512-1024 px crops)
+    block_size: int = 64                   # mask_block_size, px (official: HRDA 1024 px crops 64, DAFormer 512 px 32)
     teacher: str = "shared"                # "shared": mean_teacher's pseudo-labels (official) | "own": its own EMA teacher
     # Strong augmentation of the target before masking: DAFormer/MIC dacs.py color_jitter_strength 0.2,
     # jitter applied when U(0, 1) > color_jitter_probability 0.2, i.e. with probability 0.8; blur when U > 0.5
