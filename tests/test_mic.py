@@ -147,3 +147,16 @@ def test_the_synthetic_mic_recipe_runs_end_to_end(tmp_path, monkeypatch):
     assert recipe.components["mic"]["block_size"] == 4
     metrics = train(recipe, tmp_path / "runs", progress=False)
     assert metrics["finished"]
+
+
+def test_mic_composes_with_mean_teacher_and_advent_in_one_step(write_recipe):
+    text = MT + "[components.advent]\nweight = 0.01\n" + MIC
+    trainer = Trainer(load_recipe(write_recipe(text)), None, progress=False)
+    before = [p.clone() for p in trainer.model.parameters()]
+    trainer.step()
+    logs = trainer.flush_logs()
+    assert {"loss/mean_teacher/mixed_ce", "loss/advent/adv", "loss/mic/masked_ce"} <= set(logs)
+    assert any(k.startswith("side/advent/") for k in logs)                     # its discriminator stepped
+    expected_total = sum(v for k, v in logs.items() if k.startswith("loss/") and k != "loss/total")
+    assert logs["loss/total"] == pytest.approx(expected_total, rel=1e-5)      # one sum, one backward
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
