@@ -10,6 +10,8 @@ One step, in the order the code reads:
 
 The student never runs on the plain target batch here (only the teacher does), so listing
 ``mean_teacher`` next to ``advent`` or ``source_ce`` adds exactly one student pass: the mixed batch.
+The teacher's pseudo-labels of the target batch are the step's ``ctx.target_pseudo`` (set up in
+``prepare_batches``, computed on first use): ``mic`` learns the same ones without a second teacher pass.
 
 Choices, with what the official codes do:
 - EMA ``alpha_t = min(1 - 1 / (t + 1), alpha)`` with ``t`` the 0-based iteration of the optimizer step
