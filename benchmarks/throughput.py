@@ -35,6 +35,7 @@ sliding window, ``--eval-crop``) of the recipe's segmenter, in images/s.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -189,29 +190,36 @@ def _timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def benchmark_recipe(recipe_path: str, overrides: list[str], args: argparse.Namespace, tmp: str):
+    """The recipe as benchmarked: random PNG domains in ``tmp`` at ``args.source_size`` /
+    ``args.target_size`` (``--data random``), no weight files (``--random-init``), a schedule
+    just long enough, the AMP and memory-format flags."""
+    overrides = list(overrides)
+    recipe = load_recipe(recipe_path, tuple(overrides))
+    if args.data == "random":
+        classes = load_domain(recipe.data.source)
+        domains = {}
+        for role, size in (("source", args.source_size), ("target", args.target_size)):
+            domains[role] = write_random_domain(Path(tmp) / role, f"bench_{role}", classes.class_names,
+                                                classes.colors, size, args.images, seed=len(role))
+        overrides += [f'data.source="{domains["source"]}"', 'data.val_domains=[]',
+                      f"data.source_size={list(args.source_size)}", f"data.target_size={list(args.target_size)}"]
+        if recipe.data.target:
+            overrides += [f'data.target="{domains["target"]}"']
+    if args.random_init:  # no weight file is read: timings do not depend on the weights
+        overrides += ['model.pretrained=""'] + [
+            f'components.{name}.{key}=""' for name, options in recipe.components.items()
+            for key, value in (options or {}).items() if key.endswith("_weights") and isinstance(value, str)]
+    overrides += [f"schedule.iters={args.warmup + 3 * args.steps + 10}", f"train.amp=\"{args.amp}\"",
+                  f"model.channels_last={'true' if args.channels_last else 'false'}"]
+    return load_recipe(recipe_path, tuple(overrides))
+
+
 def measure(recipe_path: str, overrides: list[str], args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="da_seg_throughput_") as tmp:
-        overrides = list(overrides)
-        recipe = load_recipe(recipe_path, tuple(overrides))
-        if args.data == "random":
-            classes = load_domain(recipe.data.source)
-            domains = {}
-            for role, size in (("source", args.source_size), ("target", args.target_size)):
-                domains[role] = write_random_domain(Path(tmp) / role, f"bench_{role}", classes.class_names,
-                                                    classes.colors, size, args.images, seed=len(role))
-            overrides += [f'data.source="{domains["source"]}"', 'data.val_domains=[]',
-                          f"data.source_size={list(args.source_size)}", f"data.target_size={list(args.target_size)}"]
-            if recipe.data.target:
-                overrides += [f'data.target="{domains["target"]}"']
-        if args.random_init:  # no weight file is read: timings do not depend on the weights
-            overrides += ['model.pretrained=""'] + [
-                f'components.{name}.{key}=""' for name, options in recipe.components.items()
-                for key, value in (options or {}).items() if key.endswith("_weights") and isinstance(value, str)]
-        overrides += [f"schedule.iters={args.warmup + 3 * args.steps + 10}", f"train.amp=\"{args.amp}\"",
-                      f"model.channels_last={'true' if args.channels_last else 'false'}"]
-        recipe = load_recipe(recipe_path, tuple(overrides))
+        recipe = benchmark_recipe(recipe_path, overrides, args, tmp)
         trainer = Trainer(recipe, run_dir=None, device=args.device, progress=False)
         device = trainer.device
 
@@ -312,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-size", type=parse_size, default=None)
     parser.add_argument("--eval-crop", type=parse_size, default=(512, 1024))
     parser.add_argument("--eval-iters", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--same-process", action="store_true",
+                        help="measure in this process, not a fresh one per recipe (quick checks; peaks then add up)")
     args = parser.parse_args(argv)
 
     memory = "peak alloc MiB" if str(args.device).startswith("cuda") else "peak RSS MiB"
@@ -323,23 +334,29 @@ def main(argv: list[str] | None = None) -> None:
               f"network calls per step |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    evals, evaluated_models = [], set()
+    evals, evaluated_models, rows = [], set(), []
     for path in args.recipes:
         model_name = load_recipe(path, tuple(args.overrides)).model.name
         # Evaluation cost depends on the model only: time it once per model.
         job_args = argparse.Namespace(**{**vars(args), "eval_size": None}) if model_name in evaluated_models else args
         evaluated_models.add(model_name)
-        r = in_fresh_process(measure, path, args.overrides, job_args)  # clean allocator, loaders, peaks
+        if args.same_process:
+            r = measure(path, args.overrides, job_args)
+        else:
+            r = in_fresh_process(measure, path, args.overrides, job_args)  # clean allocator, loaders, peaks
         print(f"| {Path(r['recipe']).stem} | {r['model']} | {r['batch']} | {r['step_ms']:.1f} | {r['bare_ms']:.1f} | "
               f"{r['ratio']:.3f} | {r['wait_ms']:.1f} | {r['data_ms']:.1f} | {r['images_per_s']:.1f} | {r['peak_mib']:.0f} | "
               f"{r['calls']} |", flush=True)
         evals += [(r["model"], mode, ips) for mode, ips in r["eval"]]
+        rows.append(r)
     if evals:
         size = f"{args.eval_size[0]}x{args.eval_size[1]}"
         print(f"\nevaluation at {size} (slide: {args.eval_crop[0]}x{args.eval_crop[1]} crops, 2/3 stride)")
         print("| model | mode | images/s |\n|---|---|---|")
         for model, mode, ips in evals:
             print(f"| {model} | {mode} | {ips:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"memory": memory, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

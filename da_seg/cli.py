@@ -2,6 +2,7 @@
 self-train, translate."""
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -12,7 +13,57 @@ import click
 
 import da_seg
 from da_seg.config import MAX_IMAGE_SIDE, ConfigError
-from da_seg.stages.base import check_device
+
+
+def check_device(ctx, param, value: str) -> str:
+    """``--device`` checked as the command line is read (da_seg.stages.base.check_device),
+    imported only by commands that have the option: the stages import torch."""
+    from da_seg.stages.base import check_device as check
+
+    return check(ctx, param, value)
+
+
+class _LazyGroup(click.Group):
+    """Commands defined next to their stage (which imports torch) are imported when one of them
+    runs, so that ``da-seg --help`` and ``da-seg list ...`` start without torch. ``lazy``: name ->
+    ("module:attribute", short help shown by --help; tests/test_cli.py checks it is the command's own)."""
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx, name: str):
+        if name in self.lazy and name not in self.commands:
+            module, attribute = self.lazy[name][0].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)  # as click.Group lays it out
+        rows = []
+        for name in names:
+            if name in self.lazy and name not in self.commands:
+                rows.append((name, click.Command(name, help=self.lazy[name][1]).get_short_help_str(limit)))
+                continue
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+LAZY_COMMANDS = {
+    "self-train": ("da_seg.stages.self_train:self_train",
+                   "Offline self-training (CBST): rounds of predict -> class-balanced thresholds -> retrain."),
+    "translate": ("da_seg.stages.translate:translate_command",
+                  "Train a CycleGAN translator (RECIPE with stage = \"translate\"), then write the translated "
+                  "source as a new domain."),
+}
 
 
 def _size(ctx, param, text: str | None) -> tuple[int, int] | None:
@@ -33,6 +84,11 @@ def _seeds(ctx, param, value: int) -> int:
     if value < 1:  # zero seeds trains nothing and prints an empty table, which reads as success
         raise ValueError(f"--seeds {value}; expected a positive number of seeds (seeds 0..N-1 are run)")
     return value
+
+
+def _trackers(ctx, param, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``--tracker`` names as the one ``--set train.trackers=[...]`` they stand for (none: no override)."""
+    return (f"train.trackers={json.dumps(list(names))}",) if names else ()
 
 
 def _toml_value(value) -> str:
@@ -72,7 +128,7 @@ def _show_logs_on_console() -> None:
         logger.setLevel(logging.INFO)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_LazyGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(da_seg.__version__, "--version", prog_name="da-seg")
 def main() -> None:
     """Domain adaptation and generalization for semantic segmentation."""
@@ -91,9 +147,12 @@ def main() -> None:
 @click.option("--runs", "runs_root", default="runs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, callback=check_device, help="auto | cpu | cuda | cuda:N")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_progress):
+@click.option("--tracker", "trackers", multiple=True, callback=_trackers, metavar="NAME",
+              help="Shortcut for --set train.trackers=[...]: tensorboard, mlflow, wandb (repeatable).")
+def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_progress, trackers):
     """Train RECIPE (a TOML file) by its stage: one run, or a translate / self-training stage.
     Multi-GPU: torchrun --nproc_per_node=N -m da_seg train ..."""
+    overrides = (*overrides, *trackers)
     from da_seg.runs import train as train_run
     from da_seg.stages import load, stage_of
     from da_seg.utils.resources import find_recipe
@@ -129,14 +188,40 @@ def train(recipe, overrides, seed, resume, allow_changes, runs_root, device, no_
 @click.option("--device", default="auto", show_default=True, callback=check_device)
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table")
 @click.option("--no-progress", is_flag=True)
-def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress):
-    """Run RECIPES over seeds one after another (resuming interrupted runs), then compare them."""
+@click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: on this machine; slurm: every recipe x seed a Slurm job (submitit, extra [slurm]).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="local: runs at once, each in its own process on its own GPU (GPU k mod count).")
+@click.option("--gpus-per-job", default=1, show_default=True, type=click.IntRange(min=0),
+              help="slurm: GPUs (= tasks) per node of each job; more than 1 makes it a multi-GPU run.")
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="slurm: nodes per job.")
+@click.option("--partition", default="", help="slurm: the partition.")
+@click.option("--timeout-min", default=24 * 60, show_default=True, type=click.IntRange(min=1),
+              help="slurm: time limit of each job, minutes.")
+@click.option("--slurm-option", "slurm_extra", multiple=True, metavar="KEY=VALUE",
+              help="slurm: another submitit parameter, e.g. slurm_account=abc, mem_gb=64.")
+@click.option("--tracker", "trackers", multiple=True, callback=_trackers, metavar="NAME",
+              help="Shortcut for --set train.trackers=[...]: tensorboard, mlflow, wandb (repeatable).")
+def sweep(recipes, seeds, overrides, runs_root, device, fmt, no_progress, launcher, jobs, gpus_per_job, nodes,
+          partition, timeout_min, slurm_extra, trackers):
+    """Run RECIPES over seeds (skipping finished runs, resuming interrupted ones), then compare them:
+    one after another here, several at once (--jobs N), or as Slurm jobs (--launcher slurm)."""
+    from da_seg.config import parse_value
     from da_seg.engine.compare import collect_runs, compare_table
     from da_seg.stages import sweep as run_sweep
+    from da_seg.stages.launch import SlurmOptions
     from da_seg.utils.resources import find_recipe
 
-    run_dirs = run_sweep([find_recipe(r) for r in recipes], seeds, Path(runs_root), overrides=tuple(overrides),
-                         device=device, progress=not no_progress)
+    extra = {}
+    for item in slurm_extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--slurm-option")
+        extra[key.strip()] = parse_value(value.strip())
+    slurm = SlurmOptions(partition=partition, timeout_min=timeout_min, gpus_per_job=gpus_per_job, nodes=nodes,
+                         extra=extra)
+    run_dirs = run_sweep([find_recipe(r) for r in recipes], seeds, Path(runs_root), overrides=(*overrides, *trackers),
+                         device=device, progress=not no_progress, launcher=launcher, jobs=jobs, slurm=slurm)
     click.echo(compare_table(collect_runs(run_dirs), fmt=fmt))
 
 
@@ -396,26 +481,25 @@ def check(recipes, overrides):
         sys.exit(2)
 
 
-from da_seg.stages.self_train import self_train as _self_train_command  # noqa: E402
-
-main.add_command(_self_train_command)
-
-from da_seg.stages.translate import translate_command as _translate_command  # noqa: E402
-
-main.add_command(_translate_command)
-
 from da_seg.data.prepare import prepare as _prepare_group  # noqa: E402
 
 main.add_command(_prepare_group, "prepare")
 
 
-def run() -> None:
-    """Entry point that turns configuration and data errors into one clear line, not a traceback."""
+def _one_line_errors() -> tuple[type[BaseException], ...]:
+    """The errors shown as one line. Imported once one was raised: the training loop's error
+    comes with torch, which ``da-seg list`` and ``--help`` do not import."""
     from da_seg.data.domains import DomainError
     from da_seg.data.synthetic import SyntheticDataError
     from da_seg.engine.logging import NonFiniteLossError
     from da_seg.utils.files import StorageError
 
+    return (ConfigError, DomainError, KeyError, FileNotFoundError, ValueError, NonFiniteLossError,
+            SyntheticDataError, StorageError)
+
+
+def run() -> None:
+    """Entry point that turns configuration and data errors into one clear line, not a traceback."""
     if os.environ.get("DA_SEG_DEBUG"):  # full tracebacks for developers
         main()
         return
@@ -426,8 +510,9 @@ def run() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except (ConfigError, DomainError, KeyError, FileNotFoundError, ValueError, NonFiniteLossError,
-            SyntheticDataError, StorageError) as err:
+    except Exception as err:
+        if not isinstance(err, _one_line_errors()):
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         click.echo(f"error: {message}", err=True)
         sys.exit(2)

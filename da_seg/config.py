@@ -122,6 +122,10 @@ class DataConfig:
     sampler: str = "random"               # "random" | "rare_class" (source only, DAFormer)
     rare_class_temperature: float = 0.01
     rare_class_min_pixels: int = 3000
+    # Target importance sampling (SAC): per-image predicted class pixel counts (JSON, written by the
+    # warm_start stage) and the uniform prior mixed in; None = uniform sampling (and no identity change).
+    target_sample_weights: str | None = None
+    target_uniform_prior: float | None = None
 
     def __post_init__(self):
         for key in ("source_size", "target_size", "val_size"):
@@ -132,6 +136,8 @@ class DataConfig:
         if not 0 < self.rare_class_temperature < math.inf:  # the rare-class sampler divides by it
             _refuse("rare_class_temperature", self.rare_class_temperature, "expected a temperature > 0")
         _count("rare_class_min_pixels", self.rare_class_min_pixels, 0, "pixels")
+        if self.target_uniform_prior is not None:
+            _between("target_uniform_prior", self.target_uniform_prior, 0, 1, "a probability")
 
 
 @dataclass(frozen=True)
@@ -221,6 +227,9 @@ class ScheduleConfig:
         _between("warmup_ratio", self.warmup_ratio, 0, 1, "the starting fraction of the LR", open_low=True)
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # the writers of da_seg.engine.logging.RunLogger
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -230,8 +239,14 @@ class TrainConfig:
     checkpoint_every: int = 500
     deterministic: bool = False
     compile: bool = False                 # torch.compile the segmenter (CUDA)
+    # Where the run's scalars, images and HParams go (da_seg.engine.logging); leaves the identity alone.
+    trackers: tuple[str, ...] = ("tensorboard",)
 
     def __post_init__(self):
+        for tracker in self.trackers:
+            _choice("trackers", tracker, TRACKERS)
+        if len(set(self.trackers)) != len(self.trackers):
+            _refuse("trackers", list(self.trackers), "expected each tracker once")
         if not 0 <= self.seed < 2**32 - 1024:  # NumPy seeds are 32-bit unsigned; each process adds its rank
             _refuse("seed", self.seed, "expected a seed in 0..2**32 - 1025")
         _choice("amp", self.amp, ("auto", "bf16", "fp16", "off"))
@@ -490,7 +505,7 @@ def to_toml(data: dict[str, Any]) -> str:
 # Keys that may change between a run and its resume without changing what is trained; they are
 # left out of a run's identity too (as is the seed, which is one axis of a comparison).
 RESUME_SAFE_KEYS = frozenset({"train.log_every", "data.num_workers", "eval.max_panels", "eval.alignment_images",
-                              "description", "reference"})
+                              "description", "reference", "train.trackers"})
 IDENTITY_EXCLUDED = RESUME_SAFE_KEYS | {"name", "train.seed"}
 
 

@@ -1,6 +1,7 @@
 """Run folders: where a run lives, whether it finished, and training one (new or resumed).
 
-``runs/<source>_to_<target>/<recipe>/<seed>-<time>-<identity>/`` holds one run: ``recipe.toml``,
+``runs/<recipe>/<source>_to_<target>/<seed>-<time>-<identity>/`` holds one run (recipe first, so
+that TensorBoard's run names start with it): ``recipe.toml``, ``trackers.json`` (MLflow / W&B run ids),
 ``metrics.json``, ``last.pt``, ``best.pt``, ``train.log`` (the log records of the run: which
 pretrained tensors loaded, warnings) and its TensorBoard events. ``<identity>`` is
 :func:`da_seg.config.recipe_identity`, a hash of everything the run trains: a run is found
@@ -43,21 +44,28 @@ def run_identity(run_dir: Path) -> str | None:
     return saved_identity(run_dir / "recipe.toml")
 
 
+def recipe_runs_dir(runs_root: Path, recipe: Recipe) -> Path:
+    """Where this recipe's runs are made: ``<runs_root>/<recipe>/<source>_to_<target>``."""
+    return Path(runs_root) / recipe.name / recipe.pair
+
+
 def find_runs(runs_root: Path, recipe: Recipe) -> list[Path]:
-    """This recipe's run folders for its seed and identity, oldest first."""
-    folder = Path(runs_root) / recipe.pair / recipe.name
-    if not folder.is_dir():
-        return []
+    """This recipe's run folders for its seed and identity, oldest first (by their time stamp),
+    including those of the earlier layout ``<runs_root>/<source>_to_<target>/<recipe>``."""
     seed, identity = str(recipe.train.seed), recipe_identity(recipe)
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and p.name.split("-", 1)[0] == seed and run_identity(p) == identity)
+    found = []
+    for folder in (recipe_runs_dir(runs_root, recipe), Path(runs_root) / recipe.pair / recipe.name):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir()
+                      if p.is_dir() and p.name.split("-", 1)[0] == seed and run_identity(p) == identity]
+    return sorted(found, key=lambda p: (p.name, str(p)))
 
 
 def new_run_dir(runs_root: Path, recipe: Recipe) -> tuple[Path, list[Path]]:
     """Create (exclusively) a fresh run folder ``<seed>-<time>-<identity>[-n]``; returns it and the
     folders made for it (for :func:`remove_new_folders`). StorageError when it cannot be written."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(runs_root) / recipe.pair / recipe.name / f"{recipe.train.seed}-{stamp}-{recipe_identity(recipe)}"
+    base = recipe_runs_dir(runs_root, recipe) / f"{recipe.train.seed}-{stamp}-{recipe_identity(recipe)}"
     path, n = base, 1
     while True:
         try:

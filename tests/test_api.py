@@ -63,7 +63,7 @@ def test_train_a_recipe_object_with_overrides_and_seed(write_recipe, tmp_path):
                        overrides=["schedule.iters=2", "train.checkpoint_every=2"])
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["recipe"], metrics["seed"], metrics["iteration"], metrics["finished"]) == ("changed", 3, 2, True)
-    assert run.parent.name == "changed" and (run / "last.pt").is_file()
+    assert run.parent.parent.name == "changed" and (run / "last.pt").is_file()
     with pytest.raises(ValueError, match="components.minent.weight"):
         da_seg.train(recipe, tmp_path / "runs", overrides=["components.minent.weight=-1"])
 

@@ -142,7 +142,7 @@ def test_rounds_write_pseudo_labels_train_and_resume(write_recipe, unlabelled_ta
     assert [s["portion"] for s in summaries] == [0.3, 0.5]
     assert all(s["last_miou"] is not None for s in summaries)
     out = tmp_path / "runs" / "tiny_src_to_tiny_tgt" / "cbst_selftrain" / "seed0"
-    assert (runs / "tiny_src_to_tiny_tgt" / "warm").is_dir()               # the warm-up is an ordinary run
+    assert (runs / "warm" / "tiny_src_to_tiny_tgt").is_dir()               # the warm-up is an ordinary run
     round1 = out / "round_1"
     pseudo = load_domain(str(round1 / "domain" / "tiny_tgt.toml"))
     samples = pseudo.samples("train", with_labels=True)

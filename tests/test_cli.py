@@ -152,7 +152,7 @@ def test_runs_folder_that_cannot_be_made_is_one_line_and_leaves_nothing(write_re
     blocker.write_text("not a folder")
     code, lines = fails("train", recipe, "--runs", blocker / "runs", "--no-progress")
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"error: cannot write the run folder {blocker / 'runs' / 'tiny_src_to_tiny_tgt'}")
+    assert lines[0].startswith(f"error: cannot write the run folder {blocker / 'runs' / 'tiny'}")
     assert lines[0].endswith(": a part of the path is a file, not a folder")
     # A read-only runs folder, as the file system reports it (monkeypatched: root could write anyway).
     runs = tmp_path / "runs"
@@ -213,3 +213,23 @@ def test_run_folder_that_became_read_only_is_named_when_the_events_file_opens(tm
     monkeypatch.setattr(run_logging, "SummaryWriter", read_only)
     with pytest.raises(StorageError, match=rf"^cannot write the run folder {tmp_path}: read-only file system$"):
         run_logging.RunLogger(tmp_path)
+
+
+def test_help_and_list_commands_start_without_torch_and_lazy_commands_keep_their_help():
+    # In a fresh interpreter: this one imported torch long ago.
+    probe = ("import sys; from da_seg.cli import run; sys.argv = ['da-seg'] + sys.argv[1:]\n"
+             "try:\n    run()\nexcept SystemExit:\n    pass\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    for args in (["--help"], ["list", "domains"], ["list", "recipes"]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True).stdout
+        assert out.rstrip().endswith("NO TORCH"), (args, out[-300:])
+    from da_seg.cli import LAZY_COMMANDS
+
+    listed = CliRunner().invoke(main, ["--help"]).output
+    for name, (target, _) in LAZY_COMMANDS.items():
+        module, attribute = target.split(":")
+        command = getattr(__import__(module, fromlist=[attribute]), attribute)
+        assert command.name == name and f"  {name}  " in listed
+        # --help shows the short help the command itself would (the first sentence of its docstring)
+        assert command.get_short_help_str(200) == LAZY_COMMANDS[name][1]
+    assert "--rounds" in invoke("self-train", "--help")     # imported when asked for

@@ -155,6 +155,7 @@ def test_check_reports_a_clean_domain(env):
     assert "[train] 3 images, 3 with labels" in out and "8x8 (3)" in out
     assert "raw label values found: 1, 2, 3" in out
     assert "background" in out and "33.33%" in out and "no problems found" in out
+    assert "check loveda_urban [train] [####################] 3/3" in out   # the progress bar (stderr)
 
 
 def test_check_flags_problems(env):
@@ -195,6 +196,7 @@ def test_convert_labels_for_synthia(env):
     domain = load_domain("synthia")
     result = CliRunner().invoke(prepare, ["convert-labels", "synthia"])
     assert result.exit_code == 0, result.output
+    assert "convert synthia [####################] 2/2" in result.output      # the progress bar (stderr)
     converted = load_domain("synthia_trainids")
     assert converted.descriptor == env / "datasets" / "synthia_trainids.toml"
     assert converted.class_subsets == domain.class_subsets and converted.class_names == domain.class_names

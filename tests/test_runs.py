@@ -70,3 +70,14 @@ def test_a_runs_saved_recipe_trains_the_same_experiment(write_recipe, tmp_path):
     saved = load_recipe(run_dir / "recipe.toml")
     assert saved == recipe and saved.reference == 'two\nlines "quoted" \\ back'
     assert recipe_identity(saved) == run_identity(run_dir)
+
+def test_run_folders_start_with_the_recipe_and_runs_of_the_earlier_layout_are_still_found(write_recipe, tmp_path):
+    recipe = load_recipe(write_recipe())
+    runs = tmp_path / "runs"
+    new, _ = new_run_dir(runs, recipe)
+    assert new.relative_to(runs).parts[:2] == ("tiny", "tiny_src_to_tiny_tgt")   # what TensorBoard names the run
+    # A folder of the <pair>/<recipe> layout (runs made before this one) is one of the recipe's runs:
+    # a sweep skips or resumes it instead of training it again.
+    old = runs / "tiny_src_to_tiny_tgt" / "tiny" / f"0-20250101-000000-{recipe_identity(recipe)}"
+    old.mkdir(parents=True)
+    assert find_runs(runs, recipe) == [old, new]                                  # oldest first

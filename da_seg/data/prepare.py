@@ -25,6 +25,7 @@ from da_seg.data.domains import (
     _scan,
     load_domain,
 )
+from da_seg.utils.progress import Progress
 
 # ---------------------------------------------------------------------------------------------
 # ISPRS Potsdam / Vaihingen
@@ -234,11 +235,12 @@ def _format_values(values: Iterable) -> str:
 
 
 def check_domain(
-    domain: Domain, splits: Iterable[str] | None = None, limit: int | None = None
+    domain: Domain, splits: Iterable[str] | None = None, limit: int | None = None, progress: bool = False
 ) -> CheckReport:
     """Scan a domain's splits: counts, image sizes, label values, class frequencies, and problems
     (missing root/dirs, empty splits, unpaired, unreadable or mismatched files, unexpected values).
-    ``limit`` reads only the first N samples of each split (listing and pairing are always full)."""
+    ``limit`` reads only the first N samples of each split (listing and pairing are always full).
+    ``progress``: a progress bar per split on stderr."""
     report = CheckReport(domain.name)
     report.lines.append(f"domain {domain.name}: descriptor {domain.descriptor}, root {domain.root}")
     explicit = splits is not None
@@ -256,11 +258,12 @@ def check_domain(
             report.lines.append(f"[{split}] same files as [{checked[spec]}], not read twice")
             continue
         checked[spec] = split
-        _check_split(domain, split, spec, limit, report)
+        _check_split(domain, split, spec, limit, report, progress)
     return report
 
 
-def _check_split(domain: Domain, split: str, spec, limit: int | None, report: CheckReport) -> None:
+def _check_split(domain: Domain, split: str, spec, limit: int | None, report: CheckReport,
+                 progress: bool = False) -> None:
     head = f"[{split}]"
     try:
         unlabelled = domain.samples(split, with_labels=False)
@@ -306,7 +309,9 @@ def _check_split(domain: Domain, split: str, spec, limit: int | None, report: Ch
     pixel_counts = np.zeros(domain.num_classes, np.int64)
     image_counts = np.zeros(domain.num_classes, np.int64)
     spec_label = domain.label_spec
-    for sample in to_read:
+    bar = Progress(len(to_read), f"check {domain.name} [{split}]", enabled=progress)
+    for done, sample in enumerate(to_read, start=1):
+        bar.update(done)
         try:
             image = domain.read_image(sample.image)
             sizes[(image.shape[1], image.shape[0])] += 1
@@ -340,6 +345,7 @@ def _check_split(domain: Domain, split: str, spec, limit: int | None, report: Ch
         counts = np.bincount(ids.ravel(), minlength=256)[: domain.num_classes]
         pixel_counts += counts
         image_counts += counts > 0
+    bar.close()
     read_note = f" (first {len(to_read)} read)" if limit is not None and len(to_read) < len(samples) else ""
     if sizes:
         common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(5))
@@ -415,6 +421,7 @@ def convert_labels(
     descriptor_dir: Path | None = None,
     workers: int = 0,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> Path:
     """Decode every label once into 8-bit train-id PNGs and write a descriptor for them.
 
@@ -459,14 +466,18 @@ def convert_labels(
         split_tables[split] = table
         log(f"[{split}] {len(samples)} labels -> {target_dir}")
     unique_jobs = list({job[2]: job for job in jobs}.values())
+    bar = Progress(len(unique_jobs), f"convert {domain.name}", enabled=progress)
     if workers > 0:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_convert_one, unique_jobs, chunksize=16))
+            for done, _ in enumerate(pool.map(_convert_one, unique_jobs, chunksize=16), start=1):
+                bar.update(done)
     else:
-        for job in unique_jobs:
+        for done, job in enumerate(unique_jobs, start=1):
             _convert_one(job)
+            bar.update(done)
+    bar.close()
 
     try:
         root_entry = str(domain.root.relative_to(Path(os.environ.get("DA_SEG_DATA", "data")).absolute()))
@@ -525,10 +536,11 @@ def isprs_command(dataset, images, labels, out, tile, overlap, eroded) -> None:
 @click.argument("domain")
 @click.option("--split", "splits", multiple=True, help="Split(s) to check (default: all).")
 @click.option("--limit", type=int, default=None, help="Read only the first N samples of each split.")
-def check_command(domain, splits, limit) -> None:
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def check_command(domain, splits, limit, no_progress) -> None:
     """Scan a domain; exit code 1 if any problem is found."""
     try:
-        report = check_domain(load_domain(domain), splits or None, limit)
+        report = check_domain(load_domain(domain), splits or None, limit, progress=not no_progress)
     except DomainError as e:
         raise click.ClickException(str(e)) from None
     click.echo(report.text())
@@ -544,9 +556,11 @@ def check_command(domain, splits, limit) -> None:
     "--descriptor-dir", type=_PATH, default=None, help="Default: the first $DA_SEG_DATASETS dir, else ./datasets."
 )
 @click.option("--workers", type=int, default=0, show_default=True)
-def convert_labels_command(domain, splits, out, descriptor_dir, workers) -> None:
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def convert_labels_command(domain, splits, out, descriptor_dir, workers, no_progress) -> None:
     """Write 8-bit train-id PNGs once (e.g. for SYNTHIA's slow 16-bit labels) and a descriptor."""
     try:
-        convert_labels(load_domain(domain), splits or None, out, descriptor_dir, workers, log=click.echo)
+        convert_labels(load_domain(domain), splits or None, out, descriptor_dir, workers, log=click.echo,
+                       progress=not no_progress)
     except DomainError as e:
         raise click.ClickException(str(e)) from None

@@ -9,6 +9,7 @@ import torch
 from da_seg.data.augment import BatchAugment
 from da_seg.data.datasets import SegmentationDataset
 from da_seg.data.domains import Domain
+from da_seg.data.importance import ImportanceSampler
 from da_seg.data.loaders import infinite_loader
 from da_seg.data.rare_class import RareClassSampler
 from da_seg.methods.base import DomainBatch
@@ -77,7 +78,13 @@ def training_streams(trainer) -> tuple[AugmentedStream | None, AugmentedStream |
                                  seed=recipe.train.seed * 7919, augment=trainer.source_augment, sampler=sampler,
                                  **common)
     if trainer.uses_target:
+        sampler = None
+        if data.target_sample_weights:  # SAC's importance sampling of the target
+            sampler = functools.partial(ImportanceSampler.for_dataset, weights=data.target_sample_weights,
+                                        prior=0.25 if data.target_uniform_prior is None else data.target_uniform_prior,
+                                        seed=recipe.train.seed + 1, rank=dist.rank, world_size=dist.world_size,
+                                        start=trainer.iteration * data.batch_size)
         target = AugmentedStream(trainer.target_domain, data.target_split, with_labels=trainer.target_labels,
                                  size=data.target_size, seed=recipe.train.seed * 7919 + 1,
-                                 augment=trainer.target_augment, **common)
+                                 augment=trainer.target_augment, sampler=sampler, **common)
     return source, target

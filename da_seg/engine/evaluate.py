@@ -26,11 +26,11 @@ from da_seg.data.augment import to_float_images
 from da_seg.data.datasets import SegmentationDataset
 from da_seg.data.domains import Domain
 from da_seg.data.loaders import eval_loader, infinite_loader
-from da_seg.engine.alignment import alignment_image
+from da_seg.engine.alignment import SOURCE_COLOR, TARGET_COLOR, alignment_image
 from da_seg.models.segmenter import upsample_logits
 from da_seg.utils.metrics import ConfusionMatrix, SegMetrics
 from da_seg.utils.progress import Progress
-from da_seg.utils.visualize import confusion_image, panel
+from da_seg.utils.visualize import labelled_confusion, labelled_panels, panel, with_legend
 from da_seg.utils.windows import check_windows, sliding_windows
 
 PREDICT_MODES = ("whole", "slide")
@@ -273,6 +273,10 @@ class Evaluator:
         for domain in domains:
             metrics = self._evaluate_domain(model, domain, iteration)
             record["domains"][domain.name] = metrics.to_json()
+            if domain.name not in {d.name for d in self.val_domains}:
+                # The source scored once, at the end: in metrics.json and the HParams metrics, not as
+                # a one-point time series next to the curves of the val domains.
+                continue
             scalars[f"eval/{domain.name}/mIoU"] = metrics.miou
             scalars[f"eval/{domain.name}/pixel_accuracy"] = metrics.pixel_accuracy
             for subset, value in metrics.subsets.items():
@@ -303,10 +307,13 @@ class Evaluator:
                           max_panels=ev.max_panels, progress=lambda done, total: bar.update(done))
         bar.close()
         if self.dist.is_main:
-            self.logger.image(f"confusion/{domain.name}", confusion_image(result.confusion), iteration)
+            self.logger.image(f"confusion/{domain.name}", labelled_confusion(
+                result.confusion, self.class_names, cell=max(12, 160 // len(self.class_names)),
+                title=f"{domain.name} {data.val_split} @ {iteration}: rows sum to 1"), iteration)
             if result.panels:
                 rows = [panel(img, pred, gt, domain.colors) for img, pred, gt in result.panels]
-                self.logger.image(f"panels/{domain.name}", torch.cat(rows, dim=1), iteration)
+                self.logger.image(f"panels/{domain.name}", labelled_panels(rows, self.class_names, domain.colors),
+                                  iteration)
         return result.metrics
 
     def _log_alignment(self, model: nn.Module, iteration: int) -> None:
@@ -324,7 +331,9 @@ class Evaluator:
             batches.append(torch.stack(images).to(self.device))
         result = alignment_image(model, batches[0], batches[1], kind="output", method="pca",
                                  seed=self.recipe.train.seed)
-        self.logger.image("alignment/output_pca", result.image, iteration)
+        self.logger.image("alignment/output_pca", with_legend(
+            result.image, [f"source: {self.source.name}", f"target: {self.val_domains[0].name}"],
+            [SOURCE_COLOR, TARGET_COLOR], title=f"softmax PCA, separability {result.separability:.0f}%"), iteration)
         self.logger.scalars({"alignment/output_separability": result.separability}, iteration)
 
     def _adabn_batches(self):

@@ -32,9 +32,9 @@ from da_seg.data.pseudo_labels import check_pseudo_labelled
 from da_seg.engine import checkpoint as ckpt
 from da_seg.engine.batches import training_streams
 from da_seg.engine.evaluate import Evaluator
-from da_seg.engine.logging import LossMeter, NonFiniteLossError, RunLogger, mark_failed, run_metrics, write_hparams
+from da_seg.engine.logging import LossMeter, NonFiniteLossError, RunLogger, finish_run_log, mark_failed, run_metrics
 from da_seg.methods import build_components
-from da_seg.methods.base import ComponentSetup, StepContext
+from da_seg.methods.base import Component, ComponentSetup, StepContext, loss_groups
 from da_seg.models import build_model
 from da_seg.models.segmenter import Segmenter
 from da_seg.utils import distributed as du
@@ -164,6 +164,7 @@ class Trainer:
                                   " and ".join(f"components.{c.name}" for c in self.components
                                                if c.uses_target_labels == "pseudo"))
         self.target_labels = bool(target_labels)
+        self.loss_groups = loss_groups(self.components, per_domain=not self.dist.enabled)  # DDP: one backward
         for component in self.components:
             for name, net in component.networks.items():
                 component.networks[name] = self._wrap(net.to(self.device))
@@ -190,7 +191,7 @@ class Trainer:
         self.resume_changes: list[dict] = []
         if resume:
             self._resume(tuple(allow_changes))
-        self.logger = RunLogger(self.run_dir, enabled=self.is_main)
+        self.logger = RunLogger.for_recipe(self.run_dir, recipe, enabled=self.is_main)
         self.evaluator = Evaluator(recipe, source=self.source_domain, target=self.target_domain,
                                    val_domains=val_domains, device=self.device, amp_dtype=self.amp_dtype,
                                    logger=self.logger, dist=self.dist, progress=progress and self.is_main)
@@ -223,12 +224,10 @@ class Trainer:
         for component in self.components:
             component.prepare_batches(ctx)
         self.model.train()
-        with self.autocast():
-            losses = {f"{c.name}/{k}": v for c in self.components for k, v in c.losses(ctx).items()}
-        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = backward_by_group(ctx, self.loss_groups, self.autocast, self.scaler)
+        total = sum(v.detach() for v in losses.values())
         if losses:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
             if self.recipe.optim.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
@@ -351,6 +350,8 @@ class Trainer:
                 elif is_ckpt:
                     self.save()
             bar.close()
+            self.status = "finished"
+            metrics = finish_run_log(self.logger, recipe, self.write_metrics())  # before the writers close
         except NonFiniteLossError as err:
             self.status = "failed: non-finite loss"
             if self.is_main and self.run_dir is not None:
@@ -361,19 +362,28 @@ class Trainer:
                 f"change named: da-seg train RECIPE --resume {self.run_dir} --set optim.lr=... "
                 "--allow-change optim.lr (the change is recorded in its metrics.json).") from None
         finally:
-            self.logger.close()
+            self.logger.close(self.status)
             self.close_loaders()
-        if self.is_main and self.run_dir is not None:
-            write_hparams(self.run_dir, recipe, {
-                "hparam/last_mIoU": ev.primary(self.evaluations[-1]) or float("nan"),
-                "hparam/best_mIoU": ev.primary(self.best) if self.best else float("nan")})
-        self.status = "finished"
-        return self.write_metrics()
+        return metrics
 
     def close_loaders(self) -> None:
         for stream in (self.source_stream, self.target_stream):
             if stream is not None:
                 stream.close()
+
+
+def backward_by_group(ctx: StepContext, groups: list[list[Component]], autocast, scaler) -> dict:
+    """Every component's named losses; each group's sum is backpropagated as soon as the group is
+    done (``loss_groups``: per domain, or all at once). Returns {"<component>/<term>": Tensor}."""
+    losses = {}
+    for group in groups:
+        with autocast():
+            terms = {f"{c.name}/{k}": v for c in group for k, v in c.losses(ctx).items()}
+        group_total = sum(terms.values())
+        if terms and group_total.requires_grad:
+            scaler.scale(group_total).backward()
+        losses.update(terms)
+    return losses
 
 
 def _seed_everything(seed: int) -> None:

@@ -15,6 +15,7 @@ from da_seg.methods.entropy import MinEnt
 from da_seg.methods.fda import FDA
 from da_seg.methods.isw import InstanceSelectiveWhitening
 from da_seg.methods.masking import MaskedImageConsistency
+from da_seg.methods.sac import SelfAugmentationConsistency
 from da_seg.methods.san_saw import SanSaw
 from da_seg.methods.self_training import MeanTeacher
 from da_seg.methods.source import SourceCE, TargetBatchNorm, TargetCE
@@ -33,6 +34,7 @@ METHODS: dict[str, type[Component]] = {
     InstanceSelectiveWhitening.name: InstanceSelectiveWhitening,
     FDA.name: FDA,
     CycleGAN.name: CycleGAN,
+    SelfAugmentationConsistency.name: SelfAugmentationConsistency,
 }
 
 

@@ -84,6 +84,7 @@ class OutputSpaceAdversarial(Component):
     Options = AdversarialOptions
     uses_source = True
     uses_target = True
+    loss_domains = ("target",)  # the source outputs are read detached, in side_losses
 
     def __init__(self, options: AdversarialOptions, setup: ComponentSetup):
         super().__init__(options, setup)
@@ -108,14 +109,14 @@ class OutputSpaceAdversarial(Component):
         """(N, C, H, W) softmax -> (N, C, H, W) map the discriminator classifies."""
         raise NotImplementedError
 
-    def _inputs(self, out, size) -> dict[str, Tensor]:
-        return {level: self.discriminator_input(softmax_at(logits, size, out.align_corners))
+    def _inputs(self, ctx: StepContext, out, size) -> dict[str, Tensor]:
+        return {level: self.discriminator_input(softmax_at(logits, size, out.align_corners, ctx))
                 for level, logits in output_levels(out, self.options.multi_level, self.where)}
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         ramp = warmup_ramp(ctx.iteration, self.options.warmup_iters)
         terms = {}
-        for level, x_target in self._inputs(ctx.target_out, ctx.target.images.shape[-2:]).items():
+        for level, x_target in self._inputs(ctx, ctx.target_out, ctx.target.images.shape[-2:]).items():
             # The bare module: this pass must not enter DDP's gradient bookkeeping for D, whose
             # parameters receive no gradient here (frozen); only the segmenter does, through x.
             with frozen(bare(self.networks[self.key(level)])) as discriminator:
@@ -128,8 +129,8 @@ class OutputSpaceAdversarial(Component):
         # Detached (and computed without a graph): the discriminator update must not reach the
         # segmenter. Both outputs are cached from before the segmenter step, as in the official codes.
         with torch.no_grad():
-            x_source = self._inputs(ctx.source_out, ctx.source.images.shape[-2:])
-            x_target = self._inputs(ctx.target_out, ctx.target.images.shape[-2:])
+            x_source = self._inputs(ctx, ctx.source_out, ctx.source.images.shape[-2:])
+            x_target = self._inputs(ctx, ctx.target_out, ctx.target.images.shape[-2:])
         terms, stats = {}, {}
         for level in self.levels:
             discriminator = self.networks[self.key(level)]

@@ -10,6 +10,11 @@ A component never owns a loop and never calls ``backward()`` or ``optimizer.step
   steps the component's optimizers;
 - ``after_step(ctx)``: gradient-free updates (EMA teacher, bookkeeping); returns scalars to log;
 - ``visuals(ctx)``: images to log at evaluation time, from the latest step.
+A component may declare ``loss_domains``, the cached outputs its ``losses`` backpropagate
+through (``("source",)``, ``("target",)``, ``()``); when every component of a recipe declares
+one domain or none, and each domain's components are consecutive, the trainer backpropagates
+each domain's losses before the next domain's forward (``loss_groups``), so that only one
+domain's graph is alive at a time. Undeclared (None) keeps one joint backward.
 Networks, optimizers and schedulers a component owns go in ``self.networks``,
 ``self.optimizers`` and ``self.schedulers``: the trainer moves, wraps, checkpoints and resumes
 them, so AMP, DDP, checkpointing and LR logging stay generic.
@@ -30,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from da_seg.config import ConfigError, OptionError, check_keys
-from da_seg.models.segmenter import SegmenterOutput
+from da_seg.models.segmenter import SegmenterOutput, upsample_logits
 
 
 @dataclass
@@ -75,8 +80,8 @@ class StepContext:
     autocast: Callable[[], AbstractContextManager]
     _cache: dict[str, SegmenterOutput] = field(default_factory=dict)
     pseudo_labeler: Callable[["StepContext"], PseudoLabels] | None = None
-    pseudo_labeler_name: str = ""                 # the component that set it, for messages
     _pseudo: PseudoLabels | None = None
+    _upsampled: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def source_out(self) -> SegmenterOutput:
@@ -104,17 +109,26 @@ class StepContext:
                 self._pseudo = self.pseudo_labeler(self)
         return self._pseudo
 
-    def set_pseudo_labeler(self, labeler: Callable[["StepContext"], PseudoLabels], owner: str) -> None:
-        """Called from ``prepare_batches`` by the component whose teacher labels the target."""
-        if self.pseudo_labeler is not None:
-            raise ValueError(f"components.{owner} and components.{self.pseudo_labeler_name} both set the "
-                             "step's pseudo-labeler; one teacher labels the target, the others share it")
-        self.pseudo_labeler, self.pseudo_labeler_name = labeler, owner
-
     def forward(self, images: Tensor) -> SegmenterOutput:
         """An extra segmenter pass (mixed images ...); (N, 3, H, W) in [0, 1]."""
         with self.autocast():
             return self.model(images)
+
+    def upsampled(self, logits: Tensor, size, align_corners: bool = False) -> Tensor:
+        """(N, C, h, w) logits -> (N, C, *size) float32, bilinear, computed once per step.
+
+        The CE, the entropy and the discriminators of one step read the same map, as the official
+        codes upsample once and reuse it. A map made without gradient is never handed to a caller
+        that needs one (it is recomputed); one made with gradient is handed detached under no_grad.
+        """
+        key = (id(logits), tuple(size), align_corners)
+        cached = self._upsampled.get(key)
+        wants_grad = torch.is_grad_enabled() and logits.requires_grad
+        if cached is not None and cached[0] is logits and (cached[1].requires_grad or not wants_grad):
+            return cached[1] if wants_grad else cached[1].detach()
+        out = upsample_logits(logits.float(), tuple(size), align_corners)
+        self._upsampled[key] = (logits, out)  # the logits kept: their id is not reused this step
+        return out
 
 
 @dataclass(frozen=True)
@@ -163,9 +177,11 @@ class Component:
     uses_source: ClassVar[bool] = False
     uses_target: ClassVar[bool] = False
     uses_target_labels: ClassVar[str] = ""
+    # The cached outputs ``losses`` backpropagates through ("source", "target"); None = not declared.
+    loss_domains: ClassVar[tuple[str, ...] | None] = None
     # The stage this component only makes sense in ("translate": the CycleGAN translator); "" = any.
     stage: ClassVar[str] = ""
-    # Its teacher labels the target for every component of the step (ctx.set_pseudo_labeler).
+    # Its teacher labels the target for every component of the step (ctx.pseudo_labeler).
     provides_pseudo_labels: ClassVar[bool] = False
 
     def __init__(self, options: Any, setup: ComponentSetup):
@@ -203,6 +219,34 @@ class Component:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def loss_groups(components: list[Component], per_domain: bool = True) -> list[list[Component]]:
+    """The components in recipe order, cut where their losses move from one domain to the next.
+
+    The trainer backpropagates each group before the next one's losses run, which frees a
+    domain's graph before the next domain's forward (the official ADVENT / AdaptSegNet loops
+    call ``backward()`` on the source loss before the target forward). The gradients add up to
+    those of one joint backward. One group (a joint backward) unless every component declares
+    ``loss_domains`` of one domain or none and each domain's components are consecutive.
+    """
+    declared = [c.loss_domains for c in components]
+    if not per_domain or any(d is None or len(d) > 1 for d in declared):
+        return [list(components)]
+    groups: list[list[Component]] = []
+    current, finished = None, set()
+    for component, domains in zip(components, declared):
+        if domains and domains[0] != current:
+            if domains[0] in finished:  # a domain read again after another one: one backward
+                return [list(components)]
+            if current is not None:
+                finished.add(current)
+            current = domains[0]
+            groups.append([])
+        if not groups:
+            groups.append([])
+        groups[-1].append(component)
+    return groups
 
 
 def build_options(options_cls: type, raw: dict[str, Any], where: str, source: str | None = None):

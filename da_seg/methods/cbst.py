@@ -173,9 +173,10 @@ class PseudoLabelCE(Component):
     Options = CrossEntropyOptions
     uses_target = True
     uses_target_labels = "pseudo"
+    loss_domains = ("target",)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
-        return segmentation_ce(ctx.target_out, ctx.target.labels, self.options, self.setup.ignore_index)
+        return segmentation_ce(ctx.target_out, ctx.target.labels, self.options, self.setup.ignore_index, ctx)
 
 
 # ---------------------------------------------------------------------------------------------

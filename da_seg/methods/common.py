@@ -67,9 +67,12 @@ def level_suffix(level: str) -> str:
     return "" if level == "main" else f"_{level}"
 
 
-def softmax_at(logits: Tensor, size, align_corners: bool = False) -> Tensor:
-    """(N, C, h, w) logits -> (N, C, *size) float32 softmax of the bilinearly upsampled logits."""
-    return F.softmax(upsample_logits(logits.float(), tuple(size), align_corners), dim=1)
+def softmax_at(logits: Tensor, size, align_corners: bool = False, ctx=None) -> Tensor:
+    """(N, C, h, w) logits -> (N, C, *size) float32 softmax of the bilinearly upsampled logits;
+    with ``ctx`` (a StepContext) the upsampled logits are the step's shared ones."""
+    upsampled = ctx.upsampled(logits, size, align_corners) if ctx is not None else \
+        upsample_logits(logits.float(), tuple(size), align_corners)
+    return F.softmax(upsampled, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +119,20 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     """``model`` in eval mode with no parameter requiring grad (a fixed reference network)."""
     model.requires_grad_(False)
     return model.eval()
+
+
+def _batchnorm_eval(module: nn.Module, inputs) -> None:
+    module.training = False
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> list:
+    """Every BatchNorm of ``model`` normalizes with its running statistics and stops updating
+    them, whatever ``model.train()`` says (its scale and shift still train): a forward pre-hook
+    puts the layer in eval mode before each call, so it holds however often the trainer switches
+    the model to training mode, and whichever component runs the model first in a step.
+    Returns the hook handles (``handle.remove()`` undoes it)."""
+    return [m.register_forward_pre_hook(_batchnorm_eval) for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 # ---------------------------------------------------------------------------------------------

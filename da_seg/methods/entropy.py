@@ -105,6 +105,7 @@ class MinEnt(Component):
     name = "minent"
     Options = MinEntOptions
     uses_target = True
+    loss_domains = ("target",)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         size = ctx.target.images.shape[-2:]
@@ -112,7 +113,7 @@ class MinEnt(Component):
         weights = {"main": self.options.weight, "aux": self.options.aux_weight}
         terms = {}
         for level, logits in output_levels(ctx.target_out, self.options.multi_level, f"components.{self.name}"):
-            prob = softmax_at(logits, size, ctx.target_out.align_corners)  # (N, C, H, W)
+            prob = softmax_at(logits, size, ctx.target_out.align_corners, ctx)  # (N, C, H, W)
             terms["ent" + level_suffix(level)] = ramp * weights[level] * entropy_loss(
                 prob, robust_eta=self.options.robust_eta, class_balance=self.options.class_balance)
         return terms

@@ -86,6 +86,7 @@ class FDA(Component):
     Options = FDAOptions
     uses_source = True
     uses_target = True
+    loss_domains = ()  # a batch transform: no loss
 
     def __init__(self, options: FDAOptions, setup: ComponentSetup):
         super().__init__(options, setup)

@@ -87,6 +87,7 @@ class InstanceSelectiveWhitening(Component):
     name = "isw"
     Options = ISWOptions
     uses_source = True
+    loss_domains = ("source",)
 
     def __init__(self, options: ISWOptions, setup: ComponentSetup):
         super().__init__(options, setup)

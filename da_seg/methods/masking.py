@@ -121,6 +121,7 @@ class MaskedImageConsistency(Component):
     name = "mic"
     Options = MICOptions
     uses_target = True
+    loss_domains = ()  # its loss goes through its own masked pass, not a cached output
 
     def __init__(self, options: MICOptions, setup: ComponentSetup):
         super().__init__(options, setup)

@@ -80,6 +80,7 @@ class SanSaw(Component):
     name = "san_saw"
     Options = SanSawOptions
     uses_source = True
+    loss_domains = ("source",)
 
     def __init__(self, options: SanSawOptions, setup: ComponentSetup):
         super().__init__(options, setup)

@@ -145,7 +145,7 @@ class MeanTeacher(Component):
     def prepare_batches(self, ctx: StepContext) -> None:
         # The teacher labels the target once per step, for this component and for any other that
         # learns from the same pseudo-labels (mic): ctx.target_pseudo runs it on first use.
-        ctx.set_pseudo_labeler(self.pseudo_label, self.name)
+        ctx.pseudo_labeler = self.pseudo_label
 
     def pseudo_label(self, ctx: StepContext) -> PseudoLabels:
         opt = self.options

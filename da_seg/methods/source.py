@@ -40,18 +40,20 @@ def batch_class_weights(labels: Tensor, num_classes: int, ignore_index: int) -> 
 
 
 def segmentation_ce(out: SegmenterOutput, labels: Tensor, options: CrossEntropyOptions,
-                    ignore_index: int) -> dict[str, Tensor]:
-    """CE of logits upsampled to the label size. labels: (N, H, W) int64 -> {'ce', 'ce_aux'?}."""
+                    ignore_index: int, ctx: StepContext | None = None) -> dict[str, Tensor]:
+    """CE of logits upsampled to the label size. labels: (N, H, W) int64 -> {'ce', 'ce_aux'?}.
+    With ``ctx`` the upsampled logits are the step's shared ones (``StepContext.upsampled``)."""
     size = labels.shape[-2:]
+    upsample = ctx.upsampled if ctx is not None else (lambda x, s, a: upsample_logits(x, s, a).float())
     class_weights = None
     if options.class_weighted:
         class_weights = batch_class_weights(labels, out.logits.shape[1], ignore_index)
     terms = {"ce": options.weight * F.cross_entropy(
-        upsample_logits(out.logits, size, out.align_corners).float(), labels, weight=class_weights, ignore_index=ignore_index,
+        upsample(out.logits, size, out.align_corners), labels, weight=class_weights, ignore_index=ignore_index,
         label_smoothing=options.label_smoothing)}
     if out.aux_logits is not None and options.aux_weight > 0:
         terms["ce_aux"] = options.weight * options.aux_weight * F.cross_entropy(
-            upsample_logits(out.aux_logits, size, out.align_corners).float(), labels, weight=class_weights, ignore_index=ignore_index,
+            upsample(out.aux_logits, size, out.align_corners), labels, weight=class_weights, ignore_index=ignore_index,
             label_smoothing=options.label_smoothing)
     return terms
 
@@ -62,9 +64,10 @@ class SourceCE(Component):
     name = "source_ce"
     Options = CrossEntropyOptions
     uses_source = True
+    loss_domains = ("source",)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
-        return segmentation_ce(ctx.source_out, ctx.source.labels, self.options, self.setup.ignore_index)
+        return segmentation_ce(ctx.source_out, ctx.source.labels, self.options, self.setup.ignore_index, ctx)
 
 
 class TargetCE(Component):
@@ -74,9 +77,10 @@ class TargetCE(Component):
     Options = CrossEntropyOptions
     uses_target = True
     uses_target_labels = "ground_truth"
+    loss_domains = ("target",)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
-        return segmentation_ce(ctx.target_out, ctx.target.labels, self.options, self.setup.ignore_index)
+        return segmentation_ce(ctx.target_out, ctx.target.labels, self.options, self.setup.ignore_index, ctx)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class TargetBatchNorm(Component):
     name = "target_bn"
     Options = TargetBatchNormOptions
     uses_target = True
+    loss_domains = ()  # its forward has no graph
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         # Not through the ctx.target_out cache: a gradient-free output there would break any

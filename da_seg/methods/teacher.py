@@ -87,3 +87,13 @@ def teacher_pseudo_labels(teacher: nn.Module, images: Tensor, threshold: float,
     if bottom:
         weights[:, height - bottom:] = 0.0
     return PseudoLabels(labels=labels, confidence=confidence, weights=weights, q=q)
+
+
+def ema_due(iteration: int, every: int) -> bool:
+    """Whether the teacher follows the student after the optimizer step of 0-based ``iteration``
+    when it is updated once every ``every`` steps (1: after every step, as DACS / DAFormer).
+
+    SAC's slow teacher (``NET_MOMENTUM_ITER = 100``) is updated before the steps t = 100, 200, ...
+    from the student as it is after step t - 1; that is this update, after steps 99, 199, ...
+    """
+    return (iteration + 1) % every == 0

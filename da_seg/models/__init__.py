@@ -10,6 +10,7 @@ from da_seg.models.deeplab import deeplabv2_r50, deeplabv2_r101, deeplabv3plus_r
 from da_seg.models.segformer import SEGFORMER_BUILDERS
 from da_seg.models.segmenter import Segmenter
 from da_seg.models.small import build_deeplab_small
+from da_seg.models.vit import VIT_BUILDERS
 
 MODELS: dict[str, Callable[..., Segmenter]] = {
     "deeplab_small": build_deeplab_small,
@@ -18,6 +19,7 @@ MODELS: dict[str, Callable[..., Segmenter]] = {
     "deeplabv3plus_r50": deeplabv3plus_r50,
     "deeplabv3plus_r101": deeplabv3plus_r101,
     **SEGFORMER_BUILDERS,
+    **VIT_BUILDERS,
 }
 
 

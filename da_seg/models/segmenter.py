@@ -21,6 +21,7 @@ class InputNorm:
 
     ``imagenet``: RGB in [0, 1], ImageNet mean/std (torchvision, NVlabs MiT, HF SegFormer).
     ``caffe``: BGR in [0, 255] minus the Caffe means, std 1 (AdaptSegNet/ADVENT DeepLab-R101).
+    ``clip``: RGB in [0, 1], OpenAI CLIP mean/std (EVA-02: timm's ``OPENAI_CLIP_MEAN/STD``).
     """
 
     mean: tuple[float, float, float]
@@ -47,6 +48,7 @@ class InputNorm:
 INPUT_NORMS = {
     "imagenet": InputNorm(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     "caffe": InputNorm(mean=(104.008, 116.669, 122.675), std=(1.0, 1.0, 1.0), bgr=True, scale=255.0),
+    "clip": InputNorm(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
 }
 
 

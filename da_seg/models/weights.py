@@ -76,7 +76,10 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     except ImportError:
         pass
     else:
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # the package's own SafetensorError: report it as every other bad file
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
         raise WeightsError(f"{path}: reading safetensors without the safetensors package needs a little-endian host")
     data = bytearray(path.stat().st_size)  # read straight into a mutable buffer: one copy of the weights

@@ -12,15 +12,18 @@ from typing import Sequence
 from da_seg.config import Recipe, UnknownNameError, load_recipe
 from da_seg.methods import validate
 from da_seg.stages.base import parse_stage_options
+from da_seg.stages.launch import LAUNCHERS, SlurmOptions, SweepJob, run_local_parallel, run_slurm
 from da_seg.stages.self_train import SelfTrainStage
 from da_seg.stages.train import TrainStage
 from da_seg.stages.translate import TranslateStage
+from da_seg.stages.warm_start import WarmStartStage
 from da_seg.utils.progress import RunsClock, format_duration
 
 STAGES = {
     TrainStage.name: TrainStage,
     TranslateStage.name: TranslateStage,
     SelfTrainStage.name: SelfTrainStage,
+    WarmStartStage.name: WarmStartStage,
 }
 
 
@@ -46,11 +49,20 @@ def validated(recipe: Recipe, source: str | None = None) -> Recipe:
 
 
 def sweep(recipe_paths: Sequence[Path], seeds: int, runs_root: Path, *, overrides: Sequence[str] = (),
-          device: str = "auto", progress: bool = True) -> list[Path]:
-    """Every recipe over seeds 0..seeds-1, one after another, each by its stage; finished work is
-    skipped and interrupted work resumed, so re-running a sweep after a crash completes it.
+          device: str = "auto", progress: bool = True, launcher: str = "local", jobs: int = 1,
+          slurm: SlurmOptions | None = None) -> list[Path]:
+    """Every recipe over seeds 0..seeds-1, each by its stage; finished work is skipped and
+    interrupted work resumed, so re-running a sweep after a crash completes it.
     Prints "run k of n" before each run, with the time left estimated from the runs that trained
-    so far. Returns the result folders (``metrics.json``) for ``da-seg compare``."""
+    so far. Returns the result folders (``metrics.json``) for ``da-seg compare``.
+    ``launcher``/``jobs``: one after another here (local, 1), ``jobs`` runs at once on this machine
+    (local, N: a process and a GPU each), or a Slurm job each (slurm; ``slurm``: its resources);
+    see :mod:`da_seg.stages.launch`."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if jobs < 1:
+        raise ValueError(f"jobs = {jobs}; expected 1 or more runs at once")
+    jobs_at_once = jobs
     jobs = []  # (recipe file, stage, overrides, label): every recipe is checked before anything trains
     for path in recipe_paths:
         recipe = load(path, overrides)
@@ -61,6 +73,9 @@ def sweep(recipe_paths: Sequence[Path], seeds: int, runs_root: Path, *, override
         else:
             jobs += [(path, stage, (*overrides, f"train.seed={seed}"), f"{recipe.name} seed {seed}")
                      for seed in range(seeds)]
+    if launcher == "slurm" or jobs_at_once > 1:
+        return _launch(jobs, runs_root, launcher=launcher, workers=jobs_at_once, device=device,
+                       slurm=slurm or SlurmOptions())
     clock = RunsClock(len(jobs))
     done = []
     for k, (path, stage, job_overrides, label) in enumerate(jobs, start=1):
@@ -73,6 +88,30 @@ def sweep(recipe_paths: Sequence[Path], seeds: int, runs_root: Path, *, override
         done.append(folder)
     print(f"[sweep] {len(jobs)} runs in {format_duration(clock.elapsed_s())}", flush=True)
     return done
+
+
+def _launch(jobs: list, runs_root: Path, *, launcher: str, workers: int, device: str,
+            slurm: SlurmOptions) -> list[Path]:
+    """The sweep's jobs through a launcher; finished runs are skipped before anything is started
+    or submitted (the job that runs an interrupted one resumes it)."""
+    folders: dict[int, Path] = {}
+    todo: list[tuple[int, SweepJob]] = []
+    for k, (path, stage, job_overrides, label) in enumerate(jobs):
+        finished = getattr(stage, "finished", None)
+        found = finished(path, overrides=job_overrides, runs_root=runs_root) if finished else None
+        if found is not None:
+            print(f"[sweep] {label}: finished in {found}; skipped", flush=True)
+            folders[k] = found
+        else:
+            todo.append((k, SweepJob(Path(path), stage.name, tuple(job_overrides), label,
+                                     alone=not getattr(stage, "runs_alongside", False))))
+    print(f"[sweep] {len(todo)} of {len(jobs)} runs to do, launcher {launcher}"
+          + (f", {workers} at once" if launcher == "local" else ""), flush=True)
+    to_run = [job for _, job in todo]
+    results = (run_slurm(to_run, runs_root, slurm) if launcher == "slurm"
+               else run_local_parallel(to_run, runs_root, workers=workers, device=device))
+    folders.update({k: Path(folder) for (k, _), folder in zip(todo, results)})
+    return [folders[k] for k in sorted(folders)]
 
 
 def _written_since(path: Path, wall_time: float) -> bool:

@@ -183,8 +183,8 @@ def run_rounds(recipe_path: str | Path, rounds: int | None = None, portion_start
     runs_root = Path(runs_root).absolute()  # the pseudo-label descriptors name their folders: not relative to $DA_SEG_DATA
     out = selftrain_dir(runs_root, recipe)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = _initial_checkpoint(recipe, recipe_path, options, init_checkpoint, overrides, runs_root,
-                                     device, progress)
+    checkpoint = start_checkpoint(recipe, recipe_path, options, init_checkpoint, overrides, runs_root,
+                                  device, progress)
 
     summaries: list[dict[str, Any]] = []
     logger = RunLogger(out)
@@ -270,8 +270,12 @@ def _log_round(logger, summary: dict[str, Any], class_names: Sequence[str]) -> N
     logger.flush()
 
 
-def _initial_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpoint, overrides, runs_root: Path,
-                        device: str, progress: bool) -> Path:
+def start_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpoint, overrides, runs_root: Path,
+                     device: str, progress: bool) -> Path:
+    """The checkpoint a stage starts from: ``init_checkpoint`` (the command line), else
+    ``options.init_checkpoint``, else the last checkpoint of ``options.warmup_recipe`` trained (or
+    reused when finished) under ``runs_root`` with the recipe's seed. ``options``: any stage table
+    with those two fields (``self_train``, ``warm_start``)."""
     if init_checkpoint:
         path = Path(init_checkpoint)
     elif options.init_checkpoint:
@@ -280,19 +284,19 @@ def _initial_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpo
         warmup_path = (recipe_path.parent / options.warmup_recipe).resolve()
         # The warm-up is an ordinary run of its own recipe (shared with sweeps of that recipe): only
         # overrides outside [components] apply to it, and it trains with this recipe's seed.
-        kept = [o for o in overrides if not o.strip().startswith(("components.", f"{SelfTrainStage.name}."))]
+        kept = [o for o in overrides if not o.strip().startswith(("components.", f"{recipe.stage}."))]
         warmup = load_recipe(warmup_path, (*kept, f"train.seed={recipe.train.seed}"))
         if warmup.stage != "train":
             raise ConfigError(f"{warmup_path}: a warm-up recipe must be an ordinary training run (it has "
                               f"stage = {warmup.stage!r})")
         if progress:
-            click.echo(f"[self-train] warm-up model: {warmup.name} seed {warmup.train.seed} under {runs_root}")
+            click.echo(f"[{recipe.stage}] warm-up model: {warmup.name} seed {warmup.train.seed} under {runs_root}")
         path = train_or_resume(warmup, runs_root, device=device, progress=progress) / "last.pt"
     else:
-        raise ConfigError(f"recipe {recipe.name!r}: self-training needs a model to start from: pass --init "
-                          "CHECKPOINT, or set self_train.warmup_recipe (a source-only recipe)")
+        raise ConfigError(f"recipe {recipe.name!r}: the {recipe.stage} stage needs a model to start from: pass "
+                          f"--init CHECKPOINT, or set {recipe.stage}.warmup_recipe (a source-only recipe)")
     if not path.is_file():
-        raise FileNotFoundError(f"self-training start checkpoint not found: {path}")
+        raise FileNotFoundError(f"{recipe.stage} start checkpoint not found: {path}")
     check_same_model(recipe, path)
     return path
 

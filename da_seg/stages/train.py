@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 from da_seg.config import load_recipe
-from da_seg.runs import train_or_resume
+from da_seg.runs import find_runs, run_status, train_or_resume
 from da_seg.stages.base import NoOptions
 
 
@@ -15,6 +15,14 @@ class TrainStage:
     name = "train"
     Options = NoOptions
     per_seed = True
+    runs_alongside = True   # a sweep launcher may run it at the same time as other runs
+
+    @staticmethod
+    def finished(recipe_path: Path, *, overrides: Sequence[str] = (), runs_root: Path) -> Path | None:
+        """The recipe's finished run (its latest), which a sweep skips; None when there is none."""
+        recipe = load_recipe(recipe_path, tuple(overrides))
+        runs = find_runs(Path(runs_root), recipe)
+        return runs[-1] if runs and run_status(runs[-1]) == "finished" else None
 
     @staticmethod
     def run(recipe_path: Path, *, overrides: Sequence[str] = (), runs_root: Path, device: str = "auto",

@@ -142,3 +142,162 @@ def embedding_scatter(points, groups, colors: Sequence[Sequence[int]], size: int
         for dx in range(-dot, dot + 1):
             canvas[:, (rows + dy).clamp(0, size - 1), (cols + dx).clamp(0, size - 1)] = point_colors
     return canvas
+
+
+# ---------------------------------------------------------------- labelled figures (Pillow text)
+# TensorBoard shows an image as it is: what a reader needs to read it (class names, axes, a colour
+# scale, column captions, legends) has to be drawn into the pixels.
+TEXT_COLOR = (20, 20, 20)
+BACKGROUND = (255, 255, 255)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)  # Pillow's own scalable font: no font file to find
+
+
+def _to_pil(image: Tensor):
+    from PIL import Image
+
+    return Image.fromarray(_as_tensor(image).cpu().permute(1, 2, 0).contiguous().numpy())
+
+
+def _from_pil(picture) -> Tensor:
+    return torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def _text_size(draw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text`` shortened with "…" until it fits ``width`` pixels."""
+    if _text_size(draw, text, font)[0] <= width:
+        return text
+    while len(text) > 1 and _text_size(draw, text + "…", font)[0] > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def caption_columns(image, captions: Sequence[str], font_size: int = 12, pad: int = 4) -> Tensor:
+    """A white band above uint8 (3, H, W) ``image`` with one centred caption per equal-width
+    column (e.g. "input | prediction | ground truth"): uint8 (3, H + band, W)."""
+    from PIL import Image, ImageDraw
+
+    image = _as_tensor(image).cpu()
+    width = image.shape[-1]
+    font = _font(font_size)
+    band = font_size + 2 * pad
+    canvas = Image.new("RGB", (width, image.shape[-2] + band), BACKGROUND)
+    canvas.paste(_to_pil(image), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    column = width / max(len(captions), 1)
+    for i, caption in enumerate(captions):
+        text = _fit(draw, caption, font, int(column) - 2)
+        text_width = _text_size(draw, text, font)[0]
+        draw.text((round(i * column + (column - text_width) / 2), pad), text, fill=TEXT_COLOR, font=font)
+    return _from_pil(canvas)
+
+
+def legend(names: Sequence[str], colors: Sequence[Sequence[int]], width: int, font_size: int = 12,
+           pad: int = 4) -> Tensor:
+    """Colour swatches with their names, wrapped into rows ``width`` pixels wide: uint8 (3, h, width)."""
+    from PIL import Image, ImageDraw
+
+    palette = _palette(colors).tolist()
+    font = _font(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    swatch, row_height = font_size, font_size + 2 * pad
+    entries, x, y = [], pad, 0
+    for name, color in zip(names, palette):
+        text = _fit(measure, str(name), font, width - swatch - 3 * pad)
+        entry_width = swatch + pad + _text_size(measure, text, font)[0] + 3 * pad
+        if x > pad and x + entry_width > width:
+            x, y = pad, y + row_height
+        entries.append((x, y, text, tuple(color)))
+        x += entry_width
+    canvas = Image.new("RGB", (width, y + row_height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for x, y, text, color in entries:
+        draw.rectangle([x, y + pad, x + swatch - 1, y + pad + swatch - 1], fill=color, outline=TEXT_COLOR)
+        draw.text((x + swatch + pad, y + pad), text, fill=TEXT_COLOR, font=font)
+    return _from_pil(canvas)
+
+
+def stack_rows(images: Sequence[Tensor]) -> Tensor:
+    """uint8 (3, h_i, w_i) images one under the other on white, left-aligned: (3, sum h, max w)."""
+    images = [_as_tensor(image).cpu() for image in images]
+    width = max(image.shape[-1] for image in images)
+    rows = []
+    for image in images:
+        if image.shape[-1] < width:
+            fill = torch.full((3, image.shape[-2], width - image.shape[-1]), 255, dtype=torch.uint8)
+            image = torch.cat([image, fill], dim=2)
+        rows.append(image)
+    return torch.cat(rows, dim=1)
+
+
+def labelled_panels(rows: Sequence[Tensor], class_names: Sequence[str], colors: Sequence[Sequence[int]],
+                    captions: Sequence[str] = ("input", "prediction", "ground truth")) -> Tensor:
+    """:func:`panel` rows stacked, with column captions above and a class colour legend below."""
+    body = caption_columns(torch.cat(list(rows), dim=1), captions)
+    return stack_rows([body, legend(class_names, colors, width=body.shape[-1])])
+
+
+def labelled_confusion(confusion, class_names: Sequence[str], cell: int = 16, font_size: int = 11,
+                       title: str = "") -> Tensor:
+    """:func:`confusion_image` with axes: true classes (rows) named on the left, predicted classes
+    (columns) named on top (vertical text), axis titles, and a 0..1 colour scale of the row
+    fractions on the right. Returns uint8 (3, H, W) with the heatmap at its natural cell size."""
+    from PIL import Image, ImageDraw
+
+    heat = _to_pil(confusion_image(confusion, cell=cell))
+    classes = heat.width // cell
+    names = [str(n) for n in class_names][:classes] + [str(i) for i in range(len(class_names), classes)]
+    font = _font(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad, line = 4, font_size + 4
+    label_width = max(_text_size(measure, n, font)[0] for n in names) + pad
+    title_line = line if title else 0
+    left = line + label_width + pad              # "true class" title (vertical) + row names
+    top = title_line + line + label_width + pad  # title + "predicted class" + column names
+    bar_width, scale_width = 12, 3 * pad + 12 + _text_size(measure, "1.0", font)[0] + pad
+    canvas = Image.new("RGB", (left + heat.width + scale_width, top + heat.height + pad), BACKGROUND)
+    canvas.paste(heat, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 2), _fit(draw, title, font, canvas.width - 2 * pad), fill=TEXT_COLOR, font=font)
+    axis = "predicted class"
+    draw.text((left + max(0, (heat.width - _text_size(draw, axis, font)[0]) // 2), title_line), axis,
+              fill=TEXT_COLOR, font=font)
+    for i, name in enumerate(names):
+        text_width, text_height = _text_size(draw, name, font)
+        draw.text((left - pad - text_width, top + i * cell + (cell - text_height) // 2 - 2), name,
+                  fill=TEXT_COLOR, font=font)
+        # column names: drawn horizontally on a strip, then turned to read bottom-up
+        strip = Image.new("RGB", (label_width, line), BACKGROUND)
+        ImageDraw.Draw(strip).text((label_width - pad - text_width, 0), name, fill=TEXT_COLOR, font=font)
+        strip = strip.rotate(90, expand=True)
+        canvas.paste(strip, (left + i * cell + (cell - line) // 2, title_line + line))
+    true_axis = Image.new("RGB", (max(heat.height, _text_size(draw, "true class", font)[0] + 2), line), BACKGROUND)
+    ImageDraw.Draw(true_axis).text((max(0, (true_axis.width - _text_size(draw, "true class", font)[0]) // 2), 0),
+                                   "true class", fill=TEXT_COLOR, font=font)
+    canvas.paste(true_axis.rotate(90, expand=True), (0, top))
+    # colour scale: 1.0 at the top, 0.0 at the bottom, as the ramp of confusion_image
+    x0 = left + heat.width + 2 * pad
+    ramp = colormap(torch.linspace(1, 0, heat.height)[:, None].expand(heat.height, bar_width))
+    canvas.paste(_to_pil(ramp), (x0, top))
+    draw.rectangle([x0 - 1, top - 1, x0 + bar_width, top + heat.height], outline=TEXT_COLOR)
+    for value, y in ((1.0, top), (0.5, top + heat.height // 2), (0.0, top + heat.height - font_size)):
+        draw.text((x0 + bar_width + pad, y), f"{value:.1f}", fill=TEXT_COLOR, font=font)
+    return _from_pil(canvas)
+
+
+def with_legend(image, names: Sequence[str], colors: Sequence[Sequence[int]], title: str = "") -> Tensor:
+    """uint8 (3, H, W) ``image`` (e.g. :func:`embedding_scatter`) with an optional title line above
+    and a legend of its colours below."""
+    image = _as_tensor(image).cpu()
+    parts = [caption_columns(image, [title])] if title else [image]
+    return stack_rows(parts + [legend(names, colors, width=image.shape[-1])])
