@@ -396,8 +396,8 @@ def compare(runs, per_class, fmt, domain, include_unfinished):
 
 @main.command()
 @click.argument("out", required=False, type=click.Path(file_okay=False))
-@click.option("--benchmark", "benchmarks", multiple=True, type=click.Choice(["streets", "aerial"]),
-              help="Which benchmark(s); default both.")
+@click.option("--benchmark", "benchmarks", multiple=True, type=click.Choice(["streets", "aerial", "streets_hr"]),
+              help="Which benchmark(s); default streets and aerial (streets_hr, 256x512, only when named).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--force", is_flag=True, help="Regenerate even when up-to-date files are there.")

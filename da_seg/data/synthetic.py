@@ -15,6 +15,15 @@ Two benchmarks, each a set of on-disk domains read through the ordinary descript
     Per-image normalization cannot undo it, because the colour relationships between classes
     change, not only the global colour statistics.
 
+``streets_hr`` (256x512 street scenes, the same classes, styles and shift)
+    The ``game`` and ``real`` streets drawn at four times the resolution (train and val):
+    every length of the scene is scaled by ``width / 128``, so the scenes look like ``streets``
+    seen closer, while the camera's blur and the finest texture grain stay in full-resolution
+    pixels, so the detail is really there at full resolution. Poles are 3 to 9 px wide (1.5 to
+    4.5 px at the half resolution a DAFormer-style baseline trains at, below one cell of its
+    stride-8 logits); distant people are a few pixels tall. It is the pair for multi-resolution
+    methods (HRDA): at 64x128 the logits are 8x16 and there is no detail to recover.
+
 ``aerial`` (64x64 top-down tiles, LoveDA's raw mask values on disk)
     ``urban`` (road grids and building blocks) and ``rural`` (fields, forest, water, villages):
     different class frequencies, a moved palette (another season), different textures,
@@ -49,7 +58,9 @@ SYNTHETIC_VERSION = 1
 STAMP_FILE = "VERSION.json"
 _GENERATOR = "da_seg.data.synthetic"
 
-BENCHMARKS = ("streets", "aerial")
+BENCHMARKS = ("streets", "aerial", "streets_hr")
+DEFAULT_BENCHMARKS = ("streets", "aerial")   # what `da-seg synth` makes unless asked for more
+HR_STREET_STYLES = ("game", "real")
 STREET_STYLES = ("game", "real", "dusk", "fog")
 STREET_VAL_ONLY = ("dusk", "fog")
 AERIAL_DOMAINS = ("urban", "rural")
@@ -63,7 +74,11 @@ AERIAL_PALETTE_MOVE = 0.45
 DEFAULTS = {
     "streets": {"size": (64, 128), "n_train": 2000, "n_val": 300, "palette_move": STREETS_PALETTE_MOVE},
     "aerial": {"size": (64, 64), "n_train": 1500, "n_val": 300, "palette_move": AERIAL_PALETTE_MOVE},
+    # fewer images than streets: 16x the pixels each, and generation must stay within minutes on 2 cores
+    "streets_hr": {"size": (256, 512), "n_train": 1000, "n_val": 200, "palette_move": STREETS_PALETTE_MOVE},
 }
+# The width at which the street scene's lengths are given; other widths scale them (streets_hr).
+STREET_BASE_WIDTH = 128
 
 # Cityscapes train ids, as written in the street label PNGs.
 ROAD, SIDEWALK, BUILDING, POLE, VEGETATION, SKY, PERSON, CAR = 0, 1, 2, 5, 8, 10, 11, 13
@@ -340,17 +355,24 @@ def _street_tables(style: str, move: float):
 
 
 def render_street(style: str, rng: np.random.Generator, size: tuple[int, int] = (64, 128),
-                  palette_move: float = STREETS_PALETTE_MOVE) -> tuple[np.ndarray, np.ndarray]:
-    """One street scene -> (image (H, W, 3) uint8 RGB, label (H, W) uint8 Cityscapes train ids)."""
+                  palette_move: float = STREETS_PALETTE_MOVE, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One street scene -> (image (H, W, 3) uint8 RGB, label (H, W) uint8 Cityscapes train ids).
+
+    ``scale`` multiplies every length given in pixels (building widths, windows, poles, lane
+    marks, texture features, thresholds); ``streets_hr`` draws with ``scale = W / 128``. The
+    camera blur, sensor noise and the 1-px grain are not scaled. ``scale = 1`` draws exactly
+    the ``streets`` files (the same random draws in the same order).
+    """
     if style not in STREET_LOOKS:
         raise ValueError(f"unknown street style {style!r}; valid styles: {', '.join(STREET_LOOKS)}")
     look = STREET_LOOKS[style]
     palette, amplitudes = _street_tables(style, float(palette_move))
     h, w = size
+    k = float(scale)
     ys, xs = _grid(h, w)
 
-    def colour(cls: int, scale: float = 1.0) -> np.ndarray:
-        return _clip(palette[cls] + rng.normal(0, _STREET_JITTER[cls] * scale, 3), 0.02, 1.0).astype(np.float32)
+    def colour(cls: int, spread: float = 1.0) -> np.ndarray:
+        return _clip(palette[cls] + rng.normal(0, _STREET_JITTER[cls] * spread, 3), 0.02, 1.0).astype(np.float32)
 
     horizon = float(np.clip(rng.normal(*look.horizon), 0.28, 0.56)) * h
     vanish_x = w / 2 + rng.normal(0, 0.12 * w)
@@ -370,9 +392,10 @@ def render_street(style: str, rng: np.random.Generator, size: tuple[int, int] = 
 
     # skyline: buildings from the horizon down to the bottom (the street covers their feet)
     px, py, sx, sy, window_change = look.windows
-    x = -rng.uniform(0, 10)
+    px, py, sx, sy = px * k, py * k, sx * k, sy * k
+    x = -rng.uniform(0, 10) * k
     while x < w:
-        width = rng.uniform(10, 30)
+        width = rng.uniform(10, 30) * k
         if rng.random() < 0.2:                                    # a gap shows the sky
             x += width * 0.6
             continue
@@ -383,17 +406,17 @@ def render_street(style: str, rng: np.random.Generator, size: tuple[int, int] = 
             canvas.depth[box][ys[box[0]][:, 0] <= horizon] = 0.85
             # window grid, drawn differently per style; the label stays building
             wy, wx = ys[box[0]] - top, xs[:, box[1]] - x
-            grid = ((wx % px) < sx) & ((wy % py) < sy) & (wx > 1) & (wx < width - 1) & (wy > 1)
+            grid = ((wx % px) < sx) & ((wy % py) < sy) & (wx > k) & (wx < width - k) & (wy > k)
             grid &= ys[box[0]] < horizon + 0.15 * (h - horizon)
             canvas.rgb[box][grid] = _clip(body * (1 + window_change), 0, 1)
             if look.lit_windows > 0:
-                lit = grid & (_value_noise(rng, *grid.shape, 2) > 1.2 - 2 * look.lit_windows)
+                lit = grid & (_value_noise(rng, *grid.shape, round(2 * k)) > 1.2 - 2 * look.lit_windows)
                 emissive[box][lit] = (0.55, 0.42, 0.16)
         x += width
 
     # trees on the skyline
     for _ in range(rng.poisson(look.trees)):
-        ry, rx = rng.uniform(3, 11), rng.uniform(3, 9)
+        ry, rx = rng.uniform(3, 11) * k, rng.uniform(3, 9) * k
         canvas.ellipse(horizon - rng.uniform(0, 0.2) * h, rng.uniform(0, w), ry, rx, VEGETATION,
                        colour(VEGETATION), 0.85)
 
@@ -415,7 +438,7 @@ def render_street(style: str, rng: np.random.Generator, size: tuple[int, int] = 
     mark_half, duty, mark_colour = look.lane
     phase = rng.uniform(0, 1)
     dashes = ((1.6 / depth_t + phase) % 1.0) < duty
-    marks = road & (offset < np.maximum(depth_t * mark_half, 0.35)) & dashes & (depth_t > 0.08)
+    marks = road & (offset < np.maximum(depth_t * (mark_half * k), 0.35 * k)) & dashes & (depth_t > 0.08)
     canvas.rgb[marks] = mark_colour
 
     # things, sorted far to near so the nearer ones occlude
@@ -432,16 +455,16 @@ def render_street(style: str, rng: np.random.Generator, size: tuple[int, int] = 
         if kind == "pole":
             x = mid + side * t * (road_half + walk_width * rng.uniform(0.3, 0.8))
             height = t * rng.uniform(1.0, 1.3) * h
-            width = max(0.8, 2.2 * t)
+            width = max(0.8, 2.2 * t) * k
             colour_p = _clip(pole_colour + rng.normal(0, 0.02, 3), 0, 1)
             canvas.rect(base - height, base, x - width / 2, x + width / 2, POLE, colour_p, dist)
-            arm = t * rng.uniform(6, 12)
-            canvas.rect(base - height, base - height + max(0.8, 1.3 * t), min(x, x - side * arm),
+            arm = t * rng.uniform(6, 12) * k
+            canvas.rect(base - height, base - height + max(0.8, 1.3 * t) * k, min(x, x - side * arm),
                         max(x, x - side * arm), POLE, colour_p, dist)
         elif kind == "person":
             x = mid + side * t * (road_half + walk_width * rng.uniform(0.2, 0.8))
             height = t * rng.uniform(0.38, 0.48) * h
-            if height < 2.5:
+            if height < 2.5 * k:
                 continue
             torso, legs = colour(PERSON), colour(PERSON, 0.7) * 0.6
             skin = _clip(np.asarray((0.85, 0.65, 0.52)) + rng.normal(0, 0.08, 3), 0, 1)
@@ -452,7 +475,7 @@ def render_street(style: str, rng: np.random.Generator, size: tuple[int, int] = 
             x = mid + side * t * road_half * rng.uniform(0.15, 0.65)
             width = t * rng.uniform(0.28, 0.38) * w
             height = width * rng.uniform(0.5, 0.65)
-            if height < 2:
+            if height < 2 * k:
                 continue
             body = colour(CAR)
             left, right = x - width / 2, x + width / 2
@@ -460,22 +483,23 @@ def render_street(style: str, rng: np.random.Generator, size: tuple[int, int] = 
             inset = width * rng.uniform(0.14, 0.22)
             canvas.rect(base - height, base - 0.6 * height, left + inset, right - inset, CAR, body, dist)
             # glass and wheels, drawn differently per style; label stays car
-            canvas.rect(base - 0.92 * height, base - 0.62 * height, left + inset + 0.6, right - inset - 0.6,
+            canvas.rect(base - 0.92 * height, base - 0.62 * height, left + inset + 0.6 * k, right - inset - 0.6 * k,
                         CAR, look.car_glass, dist)
             wheel = 0.14 * width
             for wx in (left + 0.22 * width, right - 0.22 * width):
                 canvas.ellipse(base - 0.12 * height, wx, 0.14 * height, wheel, CAR, (0.05, 0.05, 0.05), dist)
-            for lx in (left + 0.5, right - 1.5):
-                canvas.rect(base - 0.5 * height, base - 0.38 * height, lx, lx + max(1.0, 0.08 * width),
+            for lx in (left + 0.5 * k, right - 1.5 * k):
+                canvas.rect(base - 0.5 * height, base - 0.38 * height, lx, lx + max(1.0 * k, 0.08 * width),
                             CAR, look.car_lights, dist)
                 if look.lit_windows > 0:                          # tail lights glow at dusk
                     glow_y, glow_x = min(max(int(base - 0.45 * height), 0), h - 1), min(max(int(lx), 0), w - 1)
                     emissive[glow_y, glow_x] = (0.6, 0.1, 0.05)
 
     # class-dependent texture, then the camera
-    stripes = [np.sin(xs * np.float32(2 * math.pi / rng.uniform(3, 5))),
-               np.sin(ys * np.float32(2 * math.pi / rng.uniform(2.5, 4)))]
-    rgb = canvas.rgb * (1 + _texture(rng, canvas.label, amplitudes, _STREET_CELLS, stripes))[..., None]
+    stripes = [np.sin(xs * np.float32(2 * math.pi / (rng.uniform(3, 5) * k))),
+               np.sin(ys * np.float32(2 * math.pi / (rng.uniform(2.5, 4) * k)))]
+    cells = tuple(c if c == 1 else round(c * k) for c in _STREET_CELLS)   # the 1-px grain stays 1 px
+    rgb = canvas.rgb * (1 + _texture(rng, canvas.label, amplitudes, cells, stripes))[..., None]
     if look.fog > 0:
         fog = 1 - np.exp(-look.fog * canvas.depth)                # thickest towards the horizon
         rgb = rgb * (1 - fog[..., None]) + fog[..., None] * np.asarray(look.fog_colour, np.float32)
@@ -731,7 +755,7 @@ def render_aerial(domain: str, rng: np.random.Generator, size: tuple[int, int] =
 # --------------------------------------------------------------------------------------------
 
 def _domains(benchmark: str) -> tuple[str, ...]:
-    return STREET_STYLES if benchmark == "streets" else AERIAL_DOMAINS
+    return {"streets": STREET_STYLES, "streets_hr": HR_STREET_STYLES, "aerial": AERIAL_DOMAINS}[benchmark]
 
 
 def _split_sizes(benchmark: str, domain: str, n_train: int, n_val: int) -> dict[str, int]:
@@ -751,8 +775,12 @@ def render_sample(benchmark: str, domain: str, split: str, index: int, seed: int
     size = tuple(size or DEFAULTS[benchmark]["size"])
     move = DEFAULTS[benchmark]["palette_move"] if palette_move is None else palette_move
     rng = sample_rng(seed, benchmark, domain, split, index)
-    render = render_street if benchmark == "streets" else render_aerial
-    return render(domain, rng, size, move)
+    if benchmark == "aerial":
+        return render_aerial(domain, rng, size, move)
+    if benchmark == "streets_hr" and domain not in HR_STREET_STYLES:
+        raise ValueError(f"streets_hr has the styles {', '.join(HR_STREET_STYLES)}, not {domain!r}")
+    scale = size[1] / STREET_BASE_WIDTH if benchmark == "streets_hr" else 1.0
+    return render_street(domain, rng, size, move, scale)
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -802,11 +830,12 @@ def _write_stamp(out_dir: Path, benchmarks: dict) -> None:
     tmp.replace(out_dir / STAMP_FILE)
 
 
-def generate(out_dir: str | Path, benchmarks=BENCHMARKS, n_train: int | None = None,
+def generate(out_dir: str | Path, benchmarks=DEFAULT_BENCHMARKS, n_train: int | None = None,
              n_val: int | None = None, seed: int = 0, workers: int | None = None, *,
              streets_palette_move: float = STREETS_PALETTE_MOVE,
              aerial_palette_move: float = AERIAL_PALETTE_MOVE,
              streets_size: tuple[int, int] = (64, 128), aerial_size: tuple[int, int] = (64, 64),
+             streets_hr_size: tuple[int, int] = DEFAULTS["streets_hr"]["size"],
              force: bool = False, log: Callable[[str], None] | None = print) -> dict:
     """Write the synthetic benchmarks under ``out_dir`` and stamp them; returns a summary.
 
@@ -842,7 +871,8 @@ def generate(out_dir: str | Path, benchmarks=BENCHMARKS, n_train: int | None = N
             log(f"synthetic data in {out_dir} was generator version {stamp.get('version')}, "
                 f"this is version {SYNTHETIC_VERSION}: removed it")
 
-    knobs = {"streets": (streets_size, streets_palette_move), "aerial": (aerial_size, aerial_palette_move)}
+    knobs = {"streets": (streets_size, streets_palette_move), "aerial": (aerial_size, aerial_palette_move),
+             "streets_hr": (streets_hr_size, streets_palette_move)}
     summary = {"root": str(out_dir), "version": SYNTHETIC_VERSION, "benchmarks": {}}
     for benchmark in benchmarks:
         size, move = knobs[benchmark]

@@ -48,11 +48,28 @@ class DomainBatch:
 
 
 @dataclass
+class PseudoLabels:
+    """An EMA teacher's pseudo-labels of the step's target batch (before any mixing or masking).
+
+    labels (N, H, W) int64 (argmax); confidence (N, H, W) float (max softmax); weights (N, H, W)
+    float: DAFormer's confidence ratio q (one scalar per batch), 0 where the recipe ignores rows.
+    """
+
+    labels: Tensor
+    confidence: Tensor
+    weights: Tensor
+    q: Tensor                    # 0-d: share of the batch's pixels with confidence >= threshold
+
+
+@dataclass
 class StepContext:
     """Everything one training step shares between components.
 
     The segmenter runs at most once per domain: ``source_out`` / ``target_out`` are computed on
-    first use and cached, whatever the number of components reading them.
+    first use and cached, whatever the number of components reading them. Likewise the EMA
+    teacher runs once: the component owning it sets ``pseudo_labeler`` in ``prepare_batches``,
+    and every component that learns from its pseudo-labels (``mean_teacher``, ``mic``) reads
+    ``ctx.target_pseudo``, computed on first use.
     """
 
     model: nn.Module
@@ -62,6 +79,8 @@ class StepContext:
     target: DomainBatch | None
     autocast: Callable[[], AbstractContextManager]
     _cache: dict[str, SegmenterOutput] = field(default_factory=dict)
+    pseudo_labeler: Callable[["StepContext"], PseudoLabels] | None = None
+    _pseudo: PseudoLabels | None = None
     _upsampled: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
@@ -79,6 +98,16 @@ class StepContext:
                 raise RuntimeError("a component read ctx.target_out but no component declared uses_target")
             self._cache["target"] = self.forward(self.target.images)
         return self._cache["target"]
+
+    @property
+    def target_pseudo(self) -> PseudoLabels:
+        """The teacher's pseudo-labels of ``target.images``, computed once per step (no grad)."""
+        if self._pseudo is None:
+            if self.pseudo_labeler is None:
+                raise RuntimeError("a component read ctx.target_pseudo but no component set a pseudo_labeler")
+            with torch.no_grad():
+                self._pseudo = self.pseudo_labeler(self)
+        return self._pseudo
 
     def forward(self, images: Tensor) -> SegmenterOutput:
         """An extra segmenter pass (mixed images ...); (N, 3, H, W) in [0, 1]."""
@@ -152,6 +181,8 @@ class Component:
     loss_domains: ClassVar[tuple[str, ...] | None] = None
     # The stage this component only makes sense in ("translate": the CycleGAN translator); "" = any.
     stage: ClassVar[str] = ""
+    # Its teacher labels the target for every component of the step (ctx.pseudo_labeler).
+    provides_pseudo_labels: ClassVar[bool] = False
 
     def __init__(self, options: Any, setup: ComponentSetup):
         self.options = options
@@ -159,6 +190,11 @@ class Component:
         self.networks: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
+
+    @classmethod
+    def check_recipe(cls, options: Any, components: dict[str, type["Component"]]) -> None:
+        """Raise ConfigError when ``options`` cannot work beside the recipe's ``components``
+        (name -> class, this one included): checked when the recipe is loaded."""
 
     def prepare_batches(self, ctx: StepContext) -> None:
         """Change ``ctx.source`` / ``ctx.target`` images in place before any forward (no grad)."""
