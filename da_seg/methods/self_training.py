@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from da_seg.config import AugmentConfig
 from da_seg.data.augment import PhotometricAugment
 from da_seg.methods.base import Component, ComponentSetup, OptionError, StepContext
-from da_seg.methods.common import check_choice, check_pair, frozen_copy
+from da_seg.methods.common import check_choice, check_pair, frozen_copy, supervised_views
 from da_seg.methods.feature_distance import feature_distance
 from da_seg.methods.mixing import CHOICES, class_mix, class_mix_masks
 from da_seg.methods.teacher import TEACHER_MODES, ema_alpha, ema_update, set_teacher_mode
@@ -178,6 +178,8 @@ class MeanTeacher(Component):
                 weights[:, :top] = 0.0
             if bottom:
                 weights[:, height - bottom:] = 0.0
+            if target.valid is not None:                                       # data.target_pseudo_margins (HRDA)
+                weights = weights * target.valid
             if opt.mix == "classmix":
                 mask = class_mix_masks(source.labels, self.setup.num_classes, opt.mix_classes,
                                        self.setup.ignore_index)
@@ -193,8 +195,9 @@ class MeanTeacher(Component):
 
         # The plain augmented target image needs no extra pass: share the cached one.
         out = ctx.target_out if (opt.mix == "none" and not self.strong.active) else ctx.forward(images)
-        terms = {"mixed_ce": opt.weight * weighted_pixel_ce(out.logits, labels, weights, self.setup.ignore_index,
-                                                            out.align_corners)}
+        terms = {f"mixed_ce{suffix}": opt.weight * share * weighted_pixel_ce(
+                     logits, view_labels, view_weights, self.setup.ignore_index, out.align_corners)
+                 for suffix, logits, view_labels, view_weights, share in supervised_views(out, labels, weights)}
         if opt.aux_weight > 0 and out.aux_logits is not None:
             terms["mixed_ce_aux"] = opt.weight * opt.aux_weight * weighted_pixel_ce(
                 out.aux_logits, labels, weights, self.setup.ignore_index, out.align_corners)

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from da_seg.models.deeplab import deeplabv2_r50, deeplabv2_r101, deeplabv3plus_r50, deeplabv3plus_r101
+from da_seg.models.hrda import build_hrda
 from da_seg.models.segformer import SEGFORMER_BUILDERS
 from da_seg.models.segmenter import Segmenter
 from da_seg.models.small import build_deeplab_small
@@ -18,6 +19,7 @@ MODELS: dict[str, Callable[..., Segmenter]] = {
     "deeplabv3plus_r50": deeplabv3plus_r50,
     "deeplabv3plus_r101": deeplabv3plus_r101,
     **SEGFORMER_BUILDERS,
+    "hrda": build_hrda,   # a wrapper: [model.options] base names the network it wraps
 }
 
 
