@@ -159,14 +159,15 @@ def test_listed_with_the_models_and_rebuilt_from_its_options():
     assert {id(p) for p in model.attention.parameters()} <= {id(p) for p in groups["head"]["params"]}
 
 
-def test_the_synthetic_hrda_recipe_runs_end_to_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["hrda", "hrda_mic"])
+def test_the_synthetic_hrda_recipes_run_end_to_end(name, tmp_path, monkeypatch):
     from da_seg.config import load_recipe
     from da_seg.data.synthetic import generate
     from da_seg.engine.trainer import Trainer
 
     generate(tmp_path / "synth", benchmarks=("streets_hr",), n_train=2, n_val=1, workers=1, log=None)
     monkeypatch.setenv("DA_SEG_DATA", str(tmp_path))
-    recipe = load_recipe(REPO / "recipes" / "synthetic" / "streets_hr" / "hrda.toml", [
+    recipe = load_recipe(REPO / "recipes" / "synthetic" / "streets_hr" / f"{name}.toml", [
         "schedule.iters=2", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
         "data.num_workers=0", "data.batch_size=2", "eval.alignment_images=0", "eval.max_panels=0",
         "model.options.base_options.width=8", "model.options.base_options.aspp_channels=16"])
@@ -212,6 +213,7 @@ def test_pseudo_label_margins_give_weight_zero_where_the_crop_touches_them():
     source = DomainBatch(torch.rand(2, 3, 20, 30), torch.randint(0, 3, (2, 20, 30)))
     target = DomainBatch(torch.rand(2, 3, 20, 30), None, None, valid)
     ctx = StepContext(model=model, iteration=0, max_iters=10, source=source, target=target, autocast=nullcontext)
+    teacher.prepare_batches(ctx)
     teacher.losses(ctx)
     weights = teacher._last["weights"]
     assert (weights[~valid[0]] == 0).all() and (weights[valid[0]] == 1).all()     # q = 1 at threshold 0

@@ -14,6 +14,7 @@ from da_seg.methods.cyclegan import CycleGAN
 from da_seg.methods.entropy import MinEnt
 from da_seg.methods.fda import FDA
 from da_seg.methods.isw import InstanceSelectiveWhitening
+from da_seg.methods.masking import MaskedImageConsistency
 from da_seg.methods.san_saw import SanSaw
 from da_seg.methods.self_training import MeanTeacher
 from da_seg.methods.source import SourceCE, TargetBatchNorm, TargetCE
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Component]] = {
     AdvEnt.name: AdvEnt,
     MinEnt.name: MinEnt,
     MeanTeacher.name: MeanTeacher,
+    MaskedImageConsistency.name: MaskedImageConsistency,
     PseudoLabelCE.name: PseudoLabelCE,
     SanSaw.name: SanSaw,
     InstanceSelectiveWhitening.name: InstanceSelectiveWhitening,
@@ -56,6 +58,12 @@ def validate(recipe: Recipe, source: str | None = None) -> dict[str, Any]:
             raise ConfigError(f"{source}: components.{name} runs in the {cls.stage} stage only; set "
                               f"stage = \"{cls.stage}\" at the top of the recipe (it is stage = \"{recipe.stage}\")")
         parsed[name] = parse_options(cls, raw or {}, source)
+    classes = {name: METHODS[name] for name in parsed}
+    for name, options in parsed.items():
+        try:
+            classes[name].check_recipe(options, classes)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
     return parsed
 
 

@@ -45,11 +45,28 @@ class DomainBatch:
 
 
 @dataclass
+class PseudoLabels:
+    """An EMA teacher's pseudo-labels of the step's target batch (before any mixing or masking).
+
+    labels (N, H, W) int64 (argmax); confidence (N, H, W) float (max softmax); weights (N, H, W)
+    float: DAFormer's confidence ratio q (one scalar per batch), 0 where the recipe ignores rows.
+    """
+
+    labels: Tensor
+    confidence: Tensor
+    weights: Tensor
+    q: Tensor                    # 0-d: share of the batch's pixels with confidence >= threshold
+
+
+@dataclass
 class StepContext:
     """Everything one training step shares between components.
 
     The segmenter runs at most once per domain: ``source_out`` / ``target_out`` are computed on
-    first use and cached, whatever the number of components reading them.
+    first use and cached, whatever the number of components reading them. Likewise the EMA
+    teacher runs once: the component owning it sets ``pseudo_labeler`` in ``prepare_batches``,
+    and every component that learns from its pseudo-labels (``mean_teacher``, ``mic``) reads
+    ``ctx.target_pseudo``, computed on first use.
     """
 
     model: nn.Module
@@ -59,6 +76,9 @@ class StepContext:
     target: DomainBatch | None
     autocast: Callable[[], AbstractContextManager]
     _cache: dict[str, SegmenterOutput] = field(default_factory=dict)
+    pseudo_labeler: Callable[["StepContext"], PseudoLabels] | None = None
+    pseudo_labeler_name: str = ""                 # the component that set it, for messages
+    _pseudo: PseudoLabels | None = None
 
     @property
     def source_out(self) -> SegmenterOutput:
@@ -75,6 +95,23 @@ class StepContext:
                 raise RuntimeError("a component read ctx.target_out but no component declared uses_target")
             self._cache["target"] = self.forward(self.target.images)
         return self._cache["target"]
+
+    @property
+    def target_pseudo(self) -> PseudoLabels:
+        """The teacher's pseudo-labels of ``target.images``, computed once per step (no grad)."""
+        if self._pseudo is None:
+            if self.pseudo_labeler is None:
+                raise RuntimeError("a component read ctx.target_pseudo but no component set a pseudo_labeler")
+            with torch.no_grad():
+                self._pseudo = self.pseudo_labeler(self)
+        return self._pseudo
+
+    def set_pseudo_labeler(self, labeler: Callable[["StepContext"], PseudoLabels], owner: str) -> None:
+        """Called from ``prepare_batches`` by the component whose teacher labels the target."""
+        if self.pseudo_labeler is not None:
+            raise ValueError(f"components.{owner} and components.{self.pseudo_labeler_name} both set the "
+                             "step's pseudo-labeler; one teacher labels the target, the others share it")
+        self.pseudo_labeler, self.pseudo_labeler_name = labeler, owner
 
     def forward(self, images: Tensor) -> SegmenterOutput:
         """An extra segmenter pass (mixed images ...); (N, 3, H, W) in [0, 1]."""
@@ -130,6 +167,8 @@ class Component:
     uses_target_labels: ClassVar[str] = ""
     # The stage this component only makes sense in ("translate": the CycleGAN translator); "" = any.
     stage: ClassVar[str] = ""
+    # Its teacher labels the target for every component of the step (ctx.set_pseudo_labeler).
+    provides_pseudo_labels: ClassVar[bool] = False
 
     def __init__(self, options: Any, setup: ComponentSetup):
         self.options = options
@@ -137,6 +176,11 @@ class Component:
         self.networks: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
+
+    @classmethod
+    def check_recipe(cls, options: Any, components: dict[str, type["Component"]]) -> None:
+        """Raise ConfigError when ``options`` cannot work beside the recipe's ``components``
+        (name -> class, this one included): checked when the recipe is loaded."""
 
     def prepare_batches(self, ctx: StepContext) -> None:
         """Change ``ctx.source`` / ``ctx.target`` images in place before any forward (no grad)."""

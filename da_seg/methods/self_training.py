@@ -44,11 +44,12 @@ from torch import Tensor, nn
 
 from da_seg.config import AugmentConfig
 from da_seg.data.augment import PhotometricAugment
-from da_seg.methods.base import Component, ComponentSetup, OptionError, StepContext
+from da_seg.methods.base import Component, ComponentSetup, OptionError, PseudoLabels, StepContext
 from da_seg.methods.common import check_choice, check_pair, frozen_copy, supervised_views
 from da_seg.methods.feature_distance import feature_distance
 from da_seg.methods.mixing import CHOICES, class_mix, class_mix_masks
-from da_seg.methods.teacher import TEACHER_MODES, ema_alpha, ema_update, set_teacher_mode
+from da_seg.methods.teacher import (TEACHER_MODES, border_rows, confidence_weight, ema_alpha, ema_update,
+                                    set_teacher_mode, teacher_pseudo_labels)
 from da_seg.models.segmenter import upsample_logits
 from da_seg.utils.visualize import colorize, colormap, overlay, to_uint8
 
@@ -96,35 +97,12 @@ class MeanTeacherOptions:
                 raise OptionError(key, f"= {getattr(self, key)!r}; expected >= 0")
 
 
-
-
-
-
-
-
-def confidence_weight(confidence: Tensor, threshold: float) -> Tensor:
-    """q: the share of pixels (over the whole batch) with confidence >= threshold; a 0-d tensor."""
-    return (confidence >= threshold).float().mean()
-
-
-def border_rows(height: int, top: int, bottom: int, reference_height: int) -> tuple[int, int]:
-    """Rows to ignore at the top and bottom, scaled from ``reference_height`` when it is > 0."""
-    if reference_height > 0:
-        scale = height / reference_height
-        top, bottom = round(top * scale), round(bottom * scale)
-    return min(top, height), min(bottom, height)
-
-
 def weighted_pixel_ce(logits: Tensor, labels: Tensor, weights: Tensor, ignore_index: int = 255,
                       align_corners: bool = False) -> Tensor:
     """mean over all pixels of weight x CE; logits (N, C, h, w) upsampled to labels (N, H, W)."""
     ce = F.cross_entropy(upsample_logits(logits, labels.shape[-2:], align_corners).float(), labels,
                          ignore_index=ignore_index, reduction="none")
     return (ce * weights).mean()
-
-
-
-
 
 
 class MeanTeacher(Component):
@@ -135,6 +113,7 @@ class MeanTeacher(Component):
     Options = MeanTeacherOptions
     uses_source = True
     uses_target = True
+    provides_pseudo_labels = True
 
     def __init__(self, options: MeanTeacherOptions, setup: ComponentSetup):
         super().__init__(options, setup)
@@ -161,25 +140,24 @@ class MeanTeacher(Component):
         return self.networks["teacher"]
 
     # ------------------------------------------------------------------ losses
+    def prepare_batches(self, ctx: StepContext) -> None:
+        # The teacher labels the target once per step, for this component and for any other that
+        # learns from the same pseudo-labels (mic): ctx.target_pseudo runs it on first use.
+        ctx.set_pseudo_labeler(self.pseudo_label, self.name)
+
+    def pseudo_label(self, ctx: StepContext) -> PseudoLabels:
+        opt = self.options
+        return teacher_pseudo_labels(self.teacher, ctx.target.images, opt.threshold, ctx.autocast,
+                                     opt.ignore_top, opt.ignore_bottom, opt.border_reference_height,
+                                     valid=ctx.target.valid)
+
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         opt = self.options
         source, target = ctx.source, ctx.target
-        n, _, height, width = target.images.shape
+        pseudo_labels = ctx.target_pseudo
         with torch.no_grad():
-            with ctx.autocast():
-                teacher_out = self.teacher(target.images)
-            probs = torch.softmax(upsample_logits(teacher_out.logits, (height, width), teacher_out.align_corners).float(),
-                                  dim=1)
-            confidence, pseudo = probs.max(1)                                  # (N, H, W) each
-            q = confidence_weight(confidence, opt.threshold)
-            weights = q.expand(n, height, width).clone()
-            top, bottom = border_rows(height, opt.ignore_top, opt.ignore_bottom, opt.border_reference_height)
-            if top:
-                weights[:, :top] = 0.0
-            if bottom:
-                weights[:, height - bottom:] = 0.0
-            if target.valid is not None:                                       # data.target_pseudo_margins (HRDA)
-                weights = weights * target.valid
+            pseudo, confidence, q = pseudo_labels.labels, pseudo_labels.confidence, pseudo_labels.q
+            weights = pseudo_labels.weights
             if opt.mix == "classmix":
                 mask = class_mix_masks(source.labels, self.setup.num_classes, opt.mix_classes,
                                        self.setup.ignore_index)
@@ -262,7 +240,6 @@ class MeanTeacher(Component):
         if "label_counts" in state:
             self._label_counts.copy_(state["label_counts"])
             self._kept_counts.copy_(state["kept_counts"])
-
 
 
 

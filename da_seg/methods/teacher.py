@@ -2,15 +2,22 @@
 
 Shared by the self-training components (DACS / DAFormer's ``mean_teacher`` and those built on
 it): the teacher is a frozen copy of the student whose parameters follow the student's by an
-exponential moving average after each optimizer step.
+exponential moving average after each optimizer step; ``teacher_pseudo_labels`` is how it labels
+a target batch (DAFormer ``dacs.py`` ``get_pseudo_label_and_weight`` + ``filter_valid_pseudo_region``,
+the same in MIC's ``teacher_module.py``).
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from da_seg.methods.base import PseudoLabels
 from da_seg.models.segformer import DropPath
+from da_seg.models.segmenter import upsample_logits
 
 TEACHER_MODES = ("train", "eval")
 
@@ -46,3 +53,41 @@ def set_teacher_mode(teacher: nn.Module, mode: str) -> None:
     for module in teacher.modules():
         if isinstance(module, (_DropoutNd, DropPath)):
             module.eval()
+
+
+def confidence_weight(confidence: Tensor, threshold: float) -> Tensor:
+    """q: the share of pixels (over the whole batch) with confidence >= threshold; a 0-d tensor."""
+    return (confidence >= threshold).float().mean()
+
+
+def border_rows(height: int, top: int, bottom: int, reference_height: int) -> tuple[int, int]:
+    """Rows to ignore at the top and bottom, scaled from ``reference_height`` when it is > 0."""
+    if reference_height > 0:
+        scale = height / reference_height
+        top, bottom = round(top * scale), round(bottom * scale)
+    return min(top, height), min(bottom, height)
+
+
+@torch.no_grad()
+def teacher_pseudo_labels(teacher: nn.Module, images: Tensor, threshold: float,
+                          autocast: Callable[[], AbstractContextManager], ignore_top: int = 0,
+                          ignore_bottom: int = 0, border_reference_height: int = 0,
+                          valid: Tensor | None = None) -> PseudoLabels:
+    """images (N, 3, H, W) -> the teacher's argmax labels at (H, W), their confidence, and weights:
+    q (computed before the border rows are zeroed) everywhere, 0 on ``ignore_top`` / ``ignore_bottom``
+    and where ``valid`` (N, H, W) bool is False (the target's pseudo-label margins, cut with its crop)."""
+    n, _, height, width = images.shape
+    with autocast():
+        out = teacher(images)
+    probs = torch.softmax(upsample_logits(out.logits, (height, width), out.align_corners).float(), dim=1)
+    confidence, labels = probs.max(1)                                       # (N, H, W) each
+    q = confidence_weight(confidence, threshold)
+    weights = q.expand(n, height, width).clone()
+    top, bottom = border_rows(height, ignore_top, ignore_bottom, border_reference_height)
+    if top:
+        weights[:, :top] = 0.0
+    if bottom:
+        weights[:, height - bottom:] = 0.0
+    if valid is not None:
+        weights = weights * valid
+    return PseudoLabels(labels=labels, confidence=confidence, weights=weights, q=q)
