@@ -248,3 +248,20 @@ def test_rare_class_crops_are_redrawn_until_they_hold_the_class():
     after = ((labels == 1).sum((1, 2)) > 400)
     assert before < 8 and after.all()        # a crop holds > 400 px of class 1 at 61% of its offsets
     assert images.shape == (8, 3, 32, 32)
+
+
+def test_the_class_a_rare_class_sample_was_drawn_for():
+    import numpy as np
+
+    from da_seg.data.rare_class import ClassStats, RareClassSampler
+
+    counts = np.array([[9000, 3500, 0], [9000, 0, 0], [5000, 0, 3200], [8000, 10, 3100]])
+    sampler = RareClassSampler(ClassStats("toy", "train", ("a", "b", "c", "d"), counts), seed=2,
+                               min_pixels=3000, rank=1, world_size=2, temperature=1.0)   # every class drawn
+    stream = iter(sampler)
+    for consumed in range(300):
+        index = next(stream)
+        position = sampler.position_of(consumed)
+        assert position == 1 + 2 * consumed and sampler.index_at(position) == index
+        assert counts[index, sampler.class_at(position)] >= 3000    # the image holds the drawn class
+    assert {sampler.class_at(sampler.position_of(k)) for k in range(300)} == {0, 1, 2}
