@@ -126,6 +126,12 @@ class DataConfig:
     # warm_start stage) and the uniform prior mixed in; None = uniform sampling (and no identity change).
     target_sample_weights: str | None = None
     target_uniform_prior: float | None = None
+    # > 0: a rare-class sample's crop is redrawn (up to 9 times) until it holds more than
+    # min_pixels x this many pixels of the drawn class (DAFormer 0.5, HRDA 2.0); 0 = off.
+    rare_class_min_crop_ratio: float = 0.0
+    # Target pixels (top, bottom, left, right, at the loaded size) whose pseudo-labels get weight 0,
+    # cut out before the crop so that only crops at the image's edge lose them (HRDA: 30, 240, 30, 30).
+    target_pseudo_margins: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def __post_init__(self):
         for key in ("source_size", "target_size", "val_size"):
@@ -138,6 +144,10 @@ class DataConfig:
         _count("rare_class_min_pixels", self.rare_class_min_pixels, 0, "pixels")
         if self.target_uniform_prior is not None:
             _between("target_uniform_prior", self.target_uniform_prior, 0, 1, "a probability")
+        _nonnegative("rare_class_min_crop_ratio", self.rare_class_min_crop_ratio, "a ratio (0 = off)")
+        margins = self.target_pseudo_margins
+        if len(margins) != 4 or any(not isinstance(m, int) or isinstance(m, bool) or m < 0 for m in margins):
+            _refuse("target_pseudo_margins", margins, "expected [top, bottom, left, right] pixel counts >= 0")
 
 
 @dataclass(frozen=True)
@@ -260,6 +270,7 @@ class EvalConfig:
     input_size: tuple[int, int] | None = None  # resize the network input (labels stay full size)
     crop: tuple[int, int] | None = None   # sliding window size
     stride: tuple[int, int] | None = None
+    window_batch: int = 1                 # "slide": windows per forward (mmseg batched_slide; bounds memory)
     flip: bool = False
     batch_size: int = 1
     adabn: bool = False                   # recompute BatchNorm statistics on target train images first
@@ -271,6 +282,7 @@ class EvalConfig:
         _choice("mode", self.mode, ("whole", "slide"))
         _image_size("input_size", self.input_size)
         _count("batch_size", self.batch_size, 1, "images", MAX_BATCH_SIZE)
+        _count("window_batch", self.window_batch, 1, "sliding windows per forward pass")
         if self.adabn:
             _count("adabn_batches", self.adabn_batches, 1, "batches (eval.adabn = true)")
         _count("max_panels", self.max_panels, 0, "panels")

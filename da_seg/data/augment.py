@@ -27,15 +27,23 @@ def to_float_images(images: Tensor) -> Tensor:
 
 def random_geometry(images: Tensor, labels: Tensor | None, crop: tuple[int, int] | None,
                     scale: tuple[float, float], flip: bool,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+                    generator: torch.Generator | None = None, mask: Tensor | None = None):
     """Per-sample random rescale, crop (padded with ignore) and horizontal flip.
 
     images: (N, 3, H, W) float; labels: (N, H, W) int64 or None.
-    Returns images (N, 3, h, w) and labels (N, h, w) with (h, w) = crop or (H, W).
+    Returns images (N, 3, h, w) and labels (N, h, w) with (h, w) = crop or (H, W); with a
+    ``mask`` (N, H, W) bool, also the mask through the same geometry (False where padded).
     """
     n, _, height, width = images.shape
     out_h, out_w = crop if crop is not None else (height, width)
     device = images.device
+    if mask is not None:  # the mask rides along as a label map: 1 = True, 0 = False, ignore = padding
+        labels_and_mask = mask.long() if labels is None else labels + 256 * mask.long()
+        images, moved = random_geometry(images, labels_and_mask, crop, scale, flip, generator)
+        if labels is None:
+            return images, None, moved == 1
+        padded = moved == IGNORE_INDEX
+        return images, torch.where(padded, moved, moved % 256), (moved >= 256) & ~padded
     if (out_h, out_w) == (height, width) and tuple(scale) == (1.0, 1.0):
         return _random_flip(images, labels, generator) if flip else (images, labels)
     lo, hi = scale
@@ -144,11 +152,17 @@ class BatchAugment(torch.nn.Module):
         self.photometric = PhotometricAugment(cfg)
         self.geometric = cfg.crop is not None or cfg.flip or tuple(cfg.scale) != (1.0, 1.0)
 
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """images: (N, 3, H, W) uint8; labels: (N, H, W) int64 or None."""
+    def forward(self, images: Tensor, labels: Tensor | None = None, mask: Tensor | None = None):
+        """images: (N, 3, H, W) uint8; labels: (N, H, W) int64 or None -> (images, labels); with a
+        ``mask`` (N, H, W) bool -> (images, labels, mask), the mask cropped and flipped as the labels."""
         if self.cfg.crop is not None:  # shapes are host ints: no device sync
             check_crop_fits(self.cfg.crop, self.cfg.scale, tuple(images.shape[-2:]), self.domain)
         images = to_float_images(images)
+        if mask is not None:
+            if self.geometric:
+                images, labels, mask = random_geometry(images, labels, self.cfg.crop, self.cfg.scale,
+                                                       self.cfg.flip, mask=mask)
+            return self.photometric(images), labels, mask
         if self.geometric:
             images, labels = random_geometry(images, labels, self.cfg.crop, self.cfg.scale, self.cfg.flip)
         return self.photometric(images), labels

@@ -175,7 +175,7 @@ class RareClassSampler(Sampler[int]):
         self.class_probabilities = np.zeros(stats.num_classes)
         self.class_probabilities[eligible] = probs  # classes no image has enough of are never drawn
         self._classes = np.flatnonzero(eligible)
-        self._cached_block: tuple[int, np.ndarray] | None = None
+        self._cached_block: tuple[int, np.ndarray, np.ndarray] | None = None  # block, indices, classes
 
     @classmethod
     def for_dataset(cls, dataset, *, start: int = 0, workers: int = 0, **options) -> "RareClassSampler":
@@ -203,16 +203,25 @@ class RareClassSampler(Sampler[int]):
                 pick = classes == c
                 pool = self.candidates[c]
                 indices[pick] = pool[(uniform[pick] * len(pool)).astype(np.int64)]
-            self._cached_block = (block, indices)
+            self._cached_block = (block, indices, classes)
         return self._cached_block[1]
 
     def index_at(self, position: int) -> int:
         """The dataset index at global stream ``position``."""
         return int(self._block_indices(position // self.block)[position % self.block])
 
+    def class_at(self, position: int) -> int:
+        """The class drawn for global stream ``position`` (its image holds >= min_pixels of it)."""
+        self._block_indices(position // self.block)
+        return int(self._cached_block[2][position % self.block])
+
+    def position_of(self, consumed: int) -> int:
+        """The global stream position of this rank's ``consumed``-th sample (``state`` counting)."""
+        return self.rank + self.world_size * consumed
+
     def __iter__(self) -> Iterator[int]:
         while True:
-            position = self.rank + self.world_size * self.state
+            position = self.position_of(self.state)
             index = self.index_at(position)
             self.state += 1
             yield index

@@ -21,20 +21,28 @@ class AugmentedStream:
     The loader (and its worker processes) starts on the first ``next()``, at batch ``start``:
     a resumed run sees the same batches as an uninterrupted one. ``sampler``: a factory
     ``dataset -> sampler`` (rare class sampling), else a seeded permutation stream.
+    ``min_class_pixels`` > 0 (with a sampler that has ``class_at``): a sample's crop is redrawn,
+    up to 9 times, until it holds more than that many pixels of the class it was drawn for.
+    ``margins`` (top, bottom, left, right) != 0: each batch carries ``valid``, False in those
+    borders of the loaded image, cropped and flipped with it.
     """
 
     def __init__(self, domain: Domain, split: str, *, with_labels: bool, size, batch_size: int, seed: int,
                  num_workers: int, augment: BatchAugment, device: torch.device, start: int = 0, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False, sampler: Callable | None = None):
+                 world_size: int = 1, channels_last: bool = False, sampler: Callable | None = None,
+                 min_class_pixels: float = 0.0, margins: tuple[int, int, int, int] = (0, 0, 0, 0)):
         self.domain, self.split, self.with_labels, self.size = domain, split, with_labels, size
         self.batch_size, self.seed, self.num_workers, self.start = batch_size, seed, num_workers, start
         self.augment, self.device, self.channels_last = augment, device, channels_last
         self.rank, self.world_size, self.sampler = rank, world_size, sampler
+        self.min_class_pixels, self.margins = min_class_pixels, tuple(margins)
         self._iterator = None
+        self._sampler = None
+        self._consumed = start * batch_size   # samples of this rank taken so far (sampler state)
 
     def _open(self):
         dataset = SegmentationDataset(self.domain, self.split, with_labels=self.with_labels, size=self.size)
-        sampler = self.sampler(dataset) if self.sampler is not None else None
+        sampler = self._sampler = self.sampler(dataset) if self.sampler is not None else None
         return infinite_loader(dataset, self.batch_size, seed=self.seed, start_batch=self.start,
                                num_workers=self.num_workers, rank=self.rank, world_size=self.world_size,
                                pin_memory=self.device.type == "cuda", sampler=sampler)
@@ -44,11 +52,35 @@ class AugmentedStream:
         if self._iterator is None:
             self._iterator = self._open()
         raw = next(self._iterator)
-        labels = raw["label"].to(self.device, non_blocking=True) if self.with_labels else None
-        images, labels = self.augment(raw["image"].to(self.device, non_blocking=True), labels)
+        raw_images = raw["image"].to(self.device, non_blocking=True)
+        raw_labels = raw["label"].to(self.device, non_blocking=True) if self.with_labels else None
+        valid = None
+        if any(self.margins):
+            valid = _inside_margins(raw_images.shape, self.margins, self.device)
+            images, labels, valid = self.augment(raw_images, raw_labels, valid)
+        else:
+            images, labels = self.augment(raw_images, raw_labels)
+        if self.min_class_pixels > 0 and labels is not None and hasattr(self._sampler, "class_at"):
+            images, labels = self._recrop_rare(raw_images, raw_labels, images, labels)
+        self._consumed += len(raw_images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return DomainBatch(images, labels, raw["index"])
+        return DomainBatch(images, labels, raw["index"], valid)
+
+    def _recrop_rare(self, raw_images, raw_labels, images, labels):
+        """DAFormer's ``get_rare_class_sample``: crop again (up to 9 more times) each sample whose
+        crop holds no more than ``min_class_pixels`` pixels of the class it was sampled for."""
+        first = self._consumed
+        classes = torch.tensor([self._sampler.class_at(self._sampler.position_of(first + j))
+                                for j in range(len(raw_images))], device=labels.device)
+        for _ in range(9):
+            short = ((labels == classes.view(-1, 1, 1)).sum((1, 2)) <= self.min_class_pixels).nonzero().flatten()
+            if len(short) == 0:
+                break
+            again_images, again_labels = self.augment(raw_images[short], raw_labels[short])
+            images, labels = images.clone(), labels.clone()
+            images[short], labels[short] = again_images, again_labels
+        return images, labels
 
     def close(self) -> None:
         """Stop the loader's worker processes. Persistent workers otherwise outlive the run: a
@@ -57,6 +89,15 @@ class AugmentedStream:
         if shutdown is not None:
             shutdown()
         self._iterator = None
+
+
+def _inside_margins(shape, margins: tuple[int, int, int, int], device) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, H, W) bool, False within ``margins`` = (top, bottom, left, right) pixels."""
+    n, _, height, width = shape
+    top, bottom, left, right = margins
+    valid = torch.zeros(n, height, width, dtype=torch.bool, device=device)
+    valid[:, top:height - bottom, left:width - right] = True
+    return valid
 
 
 def training_streams(trainer) -> tuple[AugmentedStream | None, AugmentedStream | None]:
@@ -76,6 +117,7 @@ def training_streams(trainer) -> tuple[AugmentedStream | None, AugmentedStream |
                                         start=trainer.iteration * data.batch_size)
         source = AugmentedStream(trainer.source_domain, data.source_split, with_labels=True, size=data.source_size,
                                  seed=recipe.train.seed * 7919, augment=trainer.source_augment, sampler=sampler,
+                                 min_class_pixels=data.rare_class_min_pixels * data.rare_class_min_crop_ratio,
                                  **common)
     if trainer.uses_target:
         sampler = None
@@ -86,5 +128,6 @@ def training_streams(trainer) -> tuple[AugmentedStream | None, AugmentedStream |
                                         start=trainer.iteration * data.batch_size)
         target = AugmentedStream(trainer.target_domain, data.target_split, with_labels=trainer.target_labels,
                                  size=data.target_size, seed=recipe.train.seed * 7919 + 1,
-                                 augment=trainer.target_augment, sampler=sampler, **common)
+                                 augment=trainer.target_augment, sampler=sampler,
+                                 margins=data.target_pseudo_margins, **common)
     return source, target

@@ -40,11 +40,13 @@ from da_seg.models.segmenter import SegmenterOutput, upsample_logits
 
 @dataclass
 class DomainBatch:
-    """An augmented batch: images (N, 3, H, W) float in [0, 1]; labels (N, H, W) int64 or None."""
+    """An augmented batch: images (N, 3, H, W) float in [0, 1]; labels (N, H, W) int64 or None;
+    valid (N, H, W) bool or None: pixels that may be pseudo-labelled (``data.target_pseudo_margins``)."""
 
     images: Tensor
     labels: Tensor | None = None
     indices: Tensor | None = None
+    valid: Tensor | None = None
 
 
 @dataclass

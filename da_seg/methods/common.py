@@ -63,6 +63,23 @@ def output_levels(out: SegmenterOutput, multi_level: bool, where: str) -> list[t
     return levels
 
 
+def supervised_views(out: SegmenterOutput, labels: Tensor, weights: Tensor | None = None
+                     ) -> list[tuple[str, Tensor, Tensor, Tensor | None, float]]:
+    """What a pixel loss on ``out`` is made of: (name suffix, logits, labels, weights, share).
+
+    [("", logits, labels, weights, 1.0)] for a plain output; with a detail crop (HRDA) the full
+    output gets ``1 - w`` and the crop's own logits ``w`` on the labels (and pixel weights) cut
+    to its box: ``("_detail", ...)``. labels (N, H, W), weights (N, H, W) or None.
+    """
+    if out.detail is None:
+        return [("", out.logits, labels, weights, 1.0)]
+    top, bottom, left, right = out.detail.box
+    share = out.detail.weight
+    cut = (lambda t: None if t is None else t[:, top:bottom, left:right])  # noqa: E731
+    return [("", out.logits, labels, weights, 1.0 - share),
+            ("_detail", out.detail.logits, cut(labels), cut(weights), share)]
+
+
 def level_suffix(level: str) -> str:
     """Loss-name suffix of an output level: "" for main, "_aux" for aux (as ``ce`` / ``ce_aux``)."""
     return "" if level == "main" else f"_{level}"

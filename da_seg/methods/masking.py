@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from da_seg.config import AugmentConfig, ConfigError
 from da_seg.data.augment import PhotometricAugment
 from da_seg.methods.base import Component, ComponentSetup, OptionError, PseudoLabels, StepContext
-from da_seg.methods.common import bare, check_choice, check_pair, check_positive_int
+from da_seg.methods.common import bare, check_choice, check_pair, check_positive_int, supervised_views
 from da_seg.methods.self_training import weighted_pixel_ce
 from da_seg.methods.teacher import TEACHER_MODES, ema_alpha, ema_update, set_teacher_mode, teacher_pseudo_labels
 from da_seg.utils.visualize import colorize, overlay, to_uint8
@@ -146,7 +146,8 @@ class MaskedImageConsistency(Component):
         opt = self.options
         if opt.teacher == "own":
             return teacher_pseudo_labels(self.networks["teacher"], ctx.target.images, opt.threshold, ctx.autocast,
-                                         opt.ignore_top, opt.ignore_bottom, opt.border_reference_height)
+                                         opt.ignore_top, opt.ignore_bottom, opt.border_reference_height,
+                                         valid=ctx.target.valid)
         if ctx.pseudo_labeler is None:
             raise ValueError(_NO_SHARED_TEACHER)
         return ctx.target_pseudo
@@ -163,8 +164,11 @@ class MaskedImageConsistency(Component):
             masked = mask_images(images, keep, self.zero)
             self._last = {"masked": masked[0], "pseudo": pseudo.labels[0]}
         out = ctx.forward(masked)
-        terms = {"masked_ce": opt.weight * weighted_pixel_ce(out.logits, pseudo.labels, pseudo.weights,
-                                                             self.setup.ignore_index, out.align_corners)}
+        # On HRDA the masked image trains both scales: 0.9 fused + 0.1 detail crop (MIC's forward_train).
+        terms = {f"masked_ce{suffix}": opt.weight * share * weighted_pixel_ce(
+                     logits, view_labels, view_weights, self.setup.ignore_index, out.align_corners)
+                 for suffix, logits, view_labels, view_weights, share
+                 in supervised_views(out, pseudo.labels, pseudo.weights)}
         if opt.aux_weight > 0 and out.aux_logits is not None:
             terms["masked_ce_aux"] = opt.weight * opt.aux_weight * weighted_pixel_ce(
                 out.aux_logits, pseudo.labels, pseudo.weights, self.setup.ignore_index, out.align_corners)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from da_seg.config import AugmentConfig
 from da_seg.data.augment import PhotometricAugment
 from da_seg.methods.base import Component, ComponentSetup, OptionError, PseudoLabels, StepContext
-from da_seg.methods.common import check_choice, check_pair, frozen_copy
+from da_seg.methods.common import check_choice, check_pair, frozen_copy, supervised_views
 from da_seg.methods.feature_distance import feature_distance
 from da_seg.methods.mixing import CHOICES, class_mix, class_mix_masks
 from da_seg.methods.teacher import (TEACHER_MODES, border_rows, confidence_weight, ema_alpha, ema_update,
@@ -150,7 +150,8 @@ class MeanTeacher(Component):
     def pseudo_label(self, ctx: StepContext) -> PseudoLabels:
         opt = self.options
         return teacher_pseudo_labels(self.teacher, ctx.target.images, opt.threshold, ctx.autocast,
-                                     opt.ignore_top, opt.ignore_bottom, opt.border_reference_height)
+                                     opt.ignore_top, opt.ignore_bottom, opt.border_reference_height,
+                                     valid=ctx.target.valid)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         opt = self.options
@@ -174,8 +175,9 @@ class MeanTeacher(Component):
 
         # The plain augmented target image needs no extra pass: share the cached one.
         out = ctx.target_out if (opt.mix == "none" and not self.strong.active) else ctx.forward(images)
-        terms = {"mixed_ce": opt.weight * weighted_pixel_ce(out.logits, labels, weights, self.setup.ignore_index,
-                                                            out.align_corners)}
+        terms = {f"mixed_ce{suffix}": opt.weight * share * weighted_pixel_ce(
+                     logits, view_labels, view_weights, self.setup.ignore_index, out.align_corners)
+                 for suffix, logits, view_labels, view_weights, share in supervised_views(out, labels, weights)}
         if opt.aux_weight > 0 and out.aux_logits is not None:
             terms["mixed_ce_aux"] = opt.weight * opt.aux_weight * weighted_pixel_ce(
                 out.aux_logits, labels, weights, self.setup.ignore_index, out.align_corners)

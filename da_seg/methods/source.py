@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from da_seg.methods.base import Component, OptionError, StepContext
-from da_seg.methods.common import check_nonnegative
+from da_seg.methods.common import check_nonnegative, supervised_views
 from da_seg.models.segmenter import SegmenterOutput, upsample_logits
 
 
@@ -48,9 +48,11 @@ def segmentation_ce(out: SegmenterOutput, labels: Tensor, options: CrossEntropyO
     class_weights = None
     if options.class_weighted:
         class_weights = batch_class_weights(labels, out.logits.shape[1], ignore_index)
-    terms = {"ce": options.weight * F.cross_entropy(
-        upsample(out.logits, size, out.align_corners), labels, weight=class_weights, ignore_index=ignore_index,
-        label_smoothing=options.label_smoothing)}
+    terms = {}
+    for suffix, logits, view_labels, _, share in supervised_views(out, labels):  # HRDA: fused + detail crop
+        terms[f"ce{suffix}"] = options.weight * share * F.cross_entropy(
+            upsample(logits, view_labels.shape[-2:], out.align_corners), view_labels,
+            weight=class_weights, ignore_index=ignore_index, label_smoothing=options.label_smoothing)
     if out.aux_logits is not None and options.aux_weight > 0:
         terms["ce_aux"] = options.weight * options.aux_weight * F.cross_entropy(
             upsample(out.aux_logits, size, out.align_corners), labels, weight=class_weights, ignore_index=ignore_index,

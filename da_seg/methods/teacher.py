@@ -71,9 +71,11 @@ def border_rows(height: int, top: int, bottom: int, reference_height: int) -> tu
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, images: Tensor, threshold: float,
                           autocast: Callable[[], AbstractContextManager], ignore_top: int = 0,
-                          ignore_bottom: int = 0, border_reference_height: int = 0) -> PseudoLabels:
+                          ignore_bottom: int = 0, border_reference_height: int = 0,
+                          valid: Tensor | None = None) -> PseudoLabels:
     """images (N, 3, H, W) -> the teacher's argmax labels at (H, W), their confidence, and weights:
-    q (computed before the border rows are zeroed) everywhere, 0 on ``ignore_top`` / ``ignore_bottom``."""
+    q (computed before the border rows are zeroed) everywhere, 0 on ``ignore_top`` / ``ignore_bottom``
+    and where ``valid`` (N, H, W) bool is False (the target's pseudo-label margins, cut with its crop)."""
     n, _, height, width = images.shape
     with autocast():
         out = teacher(images)
@@ -86,6 +88,8 @@ def teacher_pseudo_labels(teacher: nn.Module, images: Tensor, threshold: float,
         weights[:, :top] = 0.0
     if bottom:
         weights[:, height - bottom:] = 0.0
+    if valid is not None:
+        weights = weights * valid
     return PseudoLabels(labels=labels, confidence=confidence, weights=weights, q=q)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from da_seg.models.deeplab import deeplabv2_r50, deeplabv2_r101, deeplabv3plus_r50, deeplabv3plus_r101
 from da_seg.models.dual_path import build_dual_path
+from da_seg.models.hrda import build_hrda
 from da_seg.models.segformer import SEGFORMER_BUILDERS
 from da_seg.models.segmenter import Segmenter
 from da_seg.models.small import build_deeplab_small
@@ -22,6 +23,7 @@ MODELS: dict[str, Callable[..., Segmenter]] = {
     **SEGFORMER_BUILDERS,
     **VIT_BUILDERS,
     "dual_path": lambda num_classes, **options: build_dual_path(num_classes, build_model, **options),  # DPL-Dual
+    "hrda": build_hrda,   # a wrapper: [model.options] base names the network it wraps
 }
 
 

@@ -53,6 +53,20 @@ INPUT_NORMS = {
 
 
 @dataclass
+class DetailOutput:
+    """Logits a segmenter predicted for a crop of its input, besides its full-input ``logits``.
+
+    logits: (N, C, h_d, w_d) at the output stride, for the input pixels ``box`` =
+            (top, bottom, left, right). weight: the crop's share of any pixel loss on the output:
+            loss = (1 - weight) * loss(logits, labels) + weight * loss(detail, labels[box]).
+    """
+
+    logits: Tensor
+    box: tuple[int, int, int, int]
+    weight: float
+
+
+@dataclass
 class SegmenterOutput:
     """What one forward pass returns.
 
@@ -60,11 +74,13 @@ class SegmenterOutput:
     aux_logits: (N, C, h', w') from an auxiliary head (DeepLabV2 multi-level on layer3), or None.
     features:   named intermediate maps methods may use, e.g. ``"backbone"`` (last encoder
                 stage, used by feature distance) or stage names; (N, C_i, h_i, w_i) each.
+    detail:     a crop's own logits and their share of a pixel loss (HRDA's detail crop), or None.
     """
 
     logits: Tensor
     aux_logits: Tensor | None = None
     features: dict[str, Tensor] = field(default_factory=dict)
+    detail: DetailOutput | None = None
     align_corners: bool = False   # how these logits are upsampled to an image (the segmenter's convention)
 
 
