@@ -8,7 +8,7 @@ segmenter of the source-style path and M_T that of the target-style path (royee1
 beforehand, here the translation runs at test time). Each path's logits are upsampled to the
 input size before the softmax (da_seg's convention; the release fuses at the output stride and
 upsamples the fused probabilities). The segmenter returns ``log P`` as its logits, at input
-resolution: ``softmax(log P) = P`` exactly, so ``da-seg eval``, ``predict`` and ``export`` score the
+resolution: ``softmax(log P) = P`` exactly, so ``da-seg eval`` and ``predict`` score the
 fused probabilities through the ordinary Segmenter interface, and its checkpoint rebuilds it from
 ``model_meta`` like any other model (name ``dual_path``).
 """

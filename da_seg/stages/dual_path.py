@@ -293,7 +293,7 @@ def path_recipe(recipe: Recipe, name: str, source: str, target: str, val_domains
 def dual_path_checkpoint(translator: Path, cyclegan: CycleGANOptions, paths: tuple[Path, Path], alpha: float,
                          out: Path) -> Path:
     """Save G_ts (of the ``translator`` checkpoint) + M_S + M_T (``paths``) as one ``dual_path``
-    segmenter checkpoint, which ``da-seg eval`` / ``predict`` / ``export`` take like any other."""
+    segmenter checkpoint, which ``da-seg eval`` and ``predict`` take like any other."""
     states = [load_segmenter_checkpoint(p) for p in paths]
     metas = [s["model_meta"] for s in states]
     options = {"alpha": alpha, "translator": {"ngf": cyclegan.ngf, "n_blocks": cyclegan.n_blocks},
