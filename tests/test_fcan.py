@@ -135,8 +135,8 @@ def test_stage_warms_up_writes_the_adapted_domain_trains_ran_and_resumes(write_r
     assert STAGES[recipe.stage].per_seed
     runs = tmp_path / "runs"
     (ran,) = sweep([path], seeds=1, runs_root=runs, progress=False)
-    assert ran.parent.name == "fcan" and ran.parent.parent.name == "tiny_src_aan_to_tiny_tgt"
-    warm_runs = list((runs / "tiny_src_to_tiny_tgt" / "tiny").iterdir())      # the warm-up: an ordinary run
+    assert ran.parent.name == "tiny_src_aan_to_tiny_tgt" and ran.parent.parent.name == "fcan"  # recipe first
+    warm_runs = list((runs / "tiny" / "tiny_src_to_tiny_tgt").iterdir())      # the warm-up: an ordinary run
     assert len(warm_runs) == 1
     (appearance,) = (runs / "tiny_src_to_tiny_tgt" / "fcan_fcan").iterdir()
     marker = json.loads((appearance / "tiny_src_aan" / MARKER).read_text())
@@ -161,4 +161,4 @@ def test_stage_warms_up_writes_the_adapted_domain_trains_ran_and_resumes(write_r
     (again,) = sweep([path], seeds=1, runs_root=runs, progress=False)
     assert again == ran and adapted[0].image.exists()
     assert json.loads((appearance / "tiny_src_aan" / MARKER).read_text())["counts"]["train"]["adapted_now"] == 1
-    assert len(list((runs / "tiny_src_to_tiny_tgt" / "tiny").iterdir())) == 1
+    assert len(list((runs / "tiny" / "tiny_src_to_tiny_tgt").iterdir())) == 1

@@ -28,6 +28,9 @@ COMPONENTS = {
     "minent": "[components.source_ce]\n[components.minent]\n",
     "mean_teacher": "[components.source_ce]\n[components.mean_teacher]\n",
     "fda": "[components.fda]\nbeta = 0.1\n[components.source_ce]\n",
+    "mic": "[components.source_ce]\n[components.mean_teacher]\n[components.mic]\nblock_size = 8\n",
+    "sac": "[components.source_ce]\n[components.sac]\n",
+    "feature_adversarial": "[components.source_ce]\n[components.feature_adversarial]\nfeature = \"block0\"\n",
 }
 NOT_FOR_VIT = {"san_saw", "isw"}          # need model.options.dg_norm (CNN stages)
 OTHER_STAGE = {"cyclegan"}                # translate stage: no segmenter

@@ -10,11 +10,10 @@ A component never owns a loop and never calls ``backward()`` or ``optimizer.step
   steps the component's optimizers;
 - ``after_step(ctx)``: gradient-free updates (EMA teacher, bookkeeping); returns scalars to log;
 - ``visuals(ctx)``: images to log at evaluation time, from the latest step.
-A component may declare ``loss_domains``, the cached outputs its ``losses`` backpropagate
-through (``("source",)``, ``("target",)``, ``()``); when every component of a recipe declares
-one domain or none, and each domain's components are consecutive, the trainer backpropagates
-each domain's losses before the next domain's forward (``loss_groups``), so that only one
-domain's graph is alive at a time. Undeclared (None) keeps one joint backward.
+A component may declare ``loss_domains``, the cached outputs its ``losses`` backpropagate through
+(``("source",)``, ``("target",)``, ``()``); when every component declares one domain or none and each
+domain's components are consecutive, the trainer backpropagates each domain's losses before the next
+domain's forward (``loss_groups``: one graph alive at a time); undeclared (None): one joint backward.
 Networks, optimizers and schedulers a component owns go in ``self.networks``,
 ``self.optimizers`` and ``self.schedulers``: the trainer moves, wraps, checkpoints and resumes
 them, so AMP, DDP, checkpointing and LR logging stay generic.
