@@ -28,19 +28,18 @@ Differences: the colour jitter and blur are drawn per image (da_seg's ``Photomet
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from da_seg.config import AugmentConfig, ConfigError
-from da_seg.data.augment import PhotometricAugment
+from da_seg.config import ConfigError
 from da_seg.methods.base import Component, ComponentSetup, OptionError, PseudoLabels, StepContext
 from da_seg.methods.common import bare, check_choice, check_pair, check_positive_int, supervised_views
 from da_seg.methods.self_training import weighted_pixel_ce
-from da_seg.methods.teacher import TEACHER_MODES, ema_alpha, ema_update, set_teacher_mode, teacher_pseudo_labels
+from da_seg.methods.teacher import (TEACHER_MODES, ema_alpha, ema_update, frozen_teacher, strong_augment,
+                                    teacher_pseudo_labels)
 from da_seg.utils.visualize import colorize, overlay, to_uint8
 
 TEACHERS = ("shared", "own")
@@ -126,14 +125,8 @@ class MaskedImageConsistency(Component):
     def __init__(self, options: MICOptions, setup: ComponentSetup):
         super().__init__(options, setup)
         if options.teacher == "own":
-            teacher = copy.deepcopy(setup.model)
-            teacher.requires_grad_(False)
-            set_teacher_mode(teacher, options.teacher_mode)
-            self.networks["teacher"] = teacher
-        self.strong = PhotometricAugment(AugmentConfig(
-            flip=False, brightness=options.color_jitter, contrast=options.color_jitter,
-            saturation=options.color_jitter, hue=options.color_jitter, color_p=options.color_p,
-            blur_p=options.blur_p, blur_sigma=options.blur_sigma))
+            self.networks["teacher"] = frozen_teacher(setup.model, options.teacher_mode)
+        self.strong = strong_augment(options)
         self.zero = normalized_zero(setup.model, setup.device)
         self._last: dict[str, Tensor] = {}
 

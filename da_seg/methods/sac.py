@@ -35,7 +35,6 @@ The official code, where it says more than the paper (followed here):
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +47,7 @@ from da_seg.data.augment import PhotometricAugment
 from da_seg.methods.base import Component, ComponentSetup, OptionError, StepContext
 from da_seg.methods.common import (check_choice, check_nonnegative, check_pair, check_positive_int,
                                    freeze_batchnorm_statistics)
-from da_seg.methods.teacher import ema_due, ema_update, set_teacher_mode
+from da_seg.methods.teacher import ema_due, ema_update, frozen_teacher
 from da_seg.methods.views import pool_views, random_views
 from da_seg.models.segmenter import upsample_logits
 from da_seg.utils.visualize import colorize, colormap, overlay, to_uint8
@@ -149,10 +148,8 @@ class SelfAugmentationConsistency(Component):
 
     def __init__(self, options: SACOptions, setup: ComponentSetup):
         super().__init__(options, setup)
-        teacher = copy.deepcopy(setup.model)   # = the student at the first step (model.init_checkpoint loaded)
-        teacher.requires_grad_(False)
-        set_teacher_mode(teacher, "eval")
-        self.networks["teacher"] = teacher
+        # = the student at the first step (model.init_checkpoint loaded)
+        self.networks["teacher"] = frozen_teacher(setup.model, "eval")
         self._bn_hooks = freeze_batchnorm_statistics(setup.model) if options.freeze_student_bn else []
         jitter = options.color_jitter
         self.photometric = PhotometricAugment(AugmentConfig(

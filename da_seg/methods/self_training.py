@@ -36,7 +36,6 @@ Choices, with what the official codes do:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from da_seg.config import AugmentConfig
-from da_seg.data.augment import PhotometricAugment
 from da_seg.methods.base import Component, ComponentSetup, OptionError, PseudoLabels, StepContext
 from da_seg.methods.common import check_choice, check_pair, frozen_copy, supervised_views
 from da_seg.methods.feature_distance import feature_distance
 from da_seg.methods.mixing import CHOICES, class_mix, class_mix_masks
 from da_seg.methods.teacher import (TEACHER_MODES, border_rows, confidence_weight, ema_alpha, ema_update,
-                                    set_teacher_mode, teacher_pseudo_labels)
+                                    frozen_teacher, strong_augment, teacher_pseudo_labels)
 from da_seg.models.segmenter import upsample_logits
 from da_seg.utils.visualize import colorize, colormap, overlay, to_uint8
 
@@ -119,14 +116,8 @@ class MeanTeacher(Component):
 
     def __init__(self, options: MeanTeacherOptions, setup: ComponentSetup):
         super().__init__(options, setup)
-        teacher = copy.deepcopy(setup.model)
-        teacher.requires_grad_(False)
-        set_teacher_mode(teacher, options.teacher_mode)
-        self.networks["teacher"] = teacher
-        self.strong = PhotometricAugment(AugmentConfig(
-            flip=False, brightness=options.color_jitter, contrast=options.color_jitter,
-            saturation=options.color_jitter, hue=options.color_jitter, color_p=options.color_p,
-            blur_p=options.blur_p, blur_sigma=options.blur_sigma))
+        self.networks["teacher"] = frozen_teacher(setup.model, options.teacher_mode)
+        self.strong = strong_augment(options)
         self.imagenet: nn.Module | None = None
         if options.imagenet_weights and options.feature_distance_weight > 0:
             # The ImageNet-initialised segmenter, frozen: rebuilt from the weight file on every start.

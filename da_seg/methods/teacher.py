@@ -8,6 +8,7 @@ the same in MIC's ``teacher_module.py``).
 """
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager
 from typing import Callable
 
@@ -15,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from da_seg.config import AugmentConfig
+from da_seg.data.augment import PhotometricAugment
 from da_seg.methods.base import PseudoLabels
 from da_seg.models.segformer import DropPath
 from da_seg.models.segmenter import upsample_logits
@@ -42,6 +45,23 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, buffers: bo
                 t_buf.mul_(alpha).add_(s_buf, alpha=1.0 - alpha)
             else:
                 t_buf.copy_(s_buf)
+
+
+def frozen_teacher(model: nn.Module, mode: str) -> nn.Module:
+    """A gradient-free copy of the student (its weights at the first step) in ``mode``."""
+    teacher = copy.deepcopy(model)
+    teacher.requires_grad_(False)
+    set_teacher_mode(teacher, mode)
+    return teacher
+
+
+def strong_augment(options) -> PhotometricAugment:
+    """DACS's strong augmentation of the student's target images, from a component's
+    ``color_jitter`` (all four strengths), ``color_p``, ``blur_p`` and ``blur_sigma`` options."""
+    jitter = options.color_jitter
+    return PhotometricAugment(AugmentConfig(
+        flip=False, brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter,
+        color_p=options.color_p, blur_p=options.blur_p, blur_sigma=options.blur_sigma))
 
 
 def set_teacher_mode(teacher: nn.Module, mode: str) -> None:
