@@ -49,7 +49,7 @@ from da_seg.methods.base import OptionError
 from da_seg.methods.common import check_choice, check_nonnegative, check_positive_int
 from da_seg.runs import train_or_resume
 from da_seg.stages.base import parse_stage_options
-from da_seg.stages.self_train import check_same_model
+from da_seg.stages.self_train import check_same_model, warmup_checkpoint
 from da_seg.stages.translate import MARKER, _SourceImages, write_domain
 
 
@@ -99,14 +99,8 @@ def warmup_run(recipe: Recipe, recipe_path: Path, options: FcanOptions, seed: in
                runs_root: Path, device: str, progress: bool) -> Path:
     """The warm-up's ``last.pt`` at ``seed``: an ordinary run of its own recipe (shared with sweeps of
     it); only overrides outside [components] and [fcan] apply to it."""
-    path = (recipe_path.parent / options.warmup_recipe).resolve()
-    kept = [o for o in overrides if not o.strip().startswith(("components.", f"{FcanStage.name}.", "train.seed"))]
-    warmup = load_recipe(path, (*kept, f"train.seed={seed}"))
-    if warmup.stage != "train":
-        raise ConfigError(f"{path}: a warm-up recipe must be an ordinary training run (it has stage = {warmup.stage!r})")
-    if progress:
-        click.echo(f"[fcan] warm-up model: {warmup.name} seed {seed} under {runs_root}")
-    checkpoint = train_or_resume(warmup, runs_root, device=device, progress=progress) / "last.pt"
+    checkpoint = warmup_checkpoint(recipe, recipe_path, options.warmup_recipe, seed, overrides, runs_root,
+                                   device, progress)
     check_same_model(recipe, checkpoint)
     return checkpoint
 

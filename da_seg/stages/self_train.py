@@ -270,6 +270,23 @@ def _log_round(logger, summary: dict[str, Any], class_names: Sequence[str]) -> N
     logger.flush()
 
 
+def warmup_checkpoint(recipe: Recipe, recipe_path: Path, warmup_recipe: str, seed: int, overrides,
+                      runs_root: Path, device: str, progress: bool) -> Path:
+    """``last.pt`` of the warm-up recipe (a path relative to ``recipe_path``) trained, or reused when
+    finished, under ``runs_root`` at ``seed``. The warm-up is an ordinary run of its own recipe (shared
+    with sweeps of that recipe): only overrides outside [components], the stage's table and the seed
+    apply to it."""
+    warmup_path = (recipe_path.parent / warmup_recipe).resolve()
+    kept = [o for o in overrides if not o.strip().startswith(("components.", f"{recipe.stage}.", "train.seed"))]
+    warmup = load_recipe(warmup_path, (*kept, f"train.seed={seed}"))
+    if warmup.stage != "train":
+        raise ConfigError(f"{warmup_path}: a warm-up recipe must be an ordinary training run (it has "
+                          f"stage = {warmup.stage!r})")
+    if progress:
+        click.echo(f"[{recipe.stage}] warm-up model: {warmup.name} seed {seed} under {runs_root}")
+    return train_or_resume(warmup, runs_root, device=device, progress=progress) / "last.pt"
+
+
 def start_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpoint, overrides, runs_root: Path,
                      device: str, progress: bool) -> Path:
     """The checkpoint a stage starts from: ``init_checkpoint`` (the command line), else
@@ -281,17 +298,8 @@ def start_checkpoint(recipe: Recipe, recipe_path: Path, options, init_checkpoint
     elif options.init_checkpoint:
         path = Path(options.init_checkpoint)
     elif options.warmup_recipe:
-        warmup_path = (recipe_path.parent / options.warmup_recipe).resolve()
-        # The warm-up is an ordinary run of its own recipe (shared with sweeps of that recipe): only
-        # overrides outside [components] apply to it, and it trains with this recipe's seed.
-        kept = [o for o in overrides if not o.strip().startswith(("components.", f"{recipe.stage}."))]
-        warmup = load_recipe(warmup_path, (*kept, f"train.seed={recipe.train.seed}"))
-        if warmup.stage != "train":
-            raise ConfigError(f"{warmup_path}: a warm-up recipe must be an ordinary training run (it has "
-                              f"stage = {warmup.stage!r})")
-        if progress:
-            click.echo(f"[{recipe.stage}] warm-up model: {warmup.name} seed {warmup.train.seed} under {runs_root}")
-        path = train_or_resume(warmup, runs_root, device=device, progress=progress) / "last.pt"
+        path = warmup_checkpoint(recipe, recipe_path, options.warmup_recipe, recipe.train.seed, overrides,
+                                 runs_root, device, progress)
     else:
         raise ConfigError(f"recipe {recipe.name!r}: the {recipe.stage} stage needs a model to start from: pass "
                           f"--init CHECKPOINT, or set {recipe.stage}.warmup_recipe (a source-only recipe)")
